@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of Triton kernels for Hopper (sm_90), with no GPU present.
+
+The Triton interpreter accepts code the GPU compiler rejects (``tl.dot`` with K < 16, say), so every
+configuration a launcher can choose is also compiled here for ``GPUTarget("cuda", 90, 32)``; the result
+gives the PTX (to read for ``wgmma`` and vector loads), the cubin and the block's shared-memory use.
+
+Each kernel module lists its configurations in a function ``aot_specs() -> list[KernelSpec]``.
+``python -m arkfast.kernels._aot MODULE [MODULE ...]`` compiles them all and prints one JSON line per
+configuration; the tests run it in a subprocess without ``TRITON_INTERPRET`` (under the interpreter
+``@triton.jit`` returns objects the compiler cannot take).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+# The opt-in maximum dynamic shared memory per thread block on H100 and H200 (227 KiB).
+HOPPER_MAX_SHARED_BYTES = 232_448
+
+
+@dataclass
+class KernelSpec:
+    """One launch configuration of one ``@triton.jit`` kernel.
+
+    ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"*bf16"``,
+    ``"i32"``, ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the value of each constexpr.
+    """
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class CompiledKernel:
+    name: str
+    shared_bytes: int
+    num_regs: int | None
+    ptx: str
+    seconds: float
+
+
+def compile_sm90(spec: KernelSpec) -> CompiledKernel:
+    """Compile ``spec`` for sm_90 (Hopper) and return its PTX and shared-memory use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    return CompiledKernel(
+        name=spec.name,
+        shared_bytes=int(compiled.metadata.shared),
+        num_regs=getattr(compiled, "n_regs", None),
+        ptx=compiled.asm["ptx"],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="+", help="kernel modules, e.g. arkfast.kernels.rms_norm")
+    parser.add_argument("--ptx-dir", default=None, help="also write each configuration's PTX here")
+    args = parser.parse_args(argv)
+    failed = 0
+    for module_name in args.modules:
+        module = importlib.import_module(module_name)
+        for spec in module.aot_specs():
+            record = {"module": module_name, "name": spec.name}
+            try:
+                out = compile_sm90(spec)
+                record.update(ok=True, shared_bytes=out.shared_bytes, seconds=round(out.seconds, 3),
+                              wgmma="wgmma" in out.ptx, vector_loads="ld.global.v4" in out.ptx
+                              or "ld.global.nc.v4" in out.ptx)
+                if args.ptx_dir:
+                    import pathlib
+                    path = pathlib.Path(args.ptx_dir) / f"{spec.name}.ptx"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(out.ptx)
+            except Exception as exc:  # report every failing configuration, not just the first
+                failed += 1
+                record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+            print(json.dumps(record), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

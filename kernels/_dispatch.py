@@ -1,0 +1,59 @@
+"""The dispatch rule shared by every op in ``arkfast.kernels``.
+
+On CUDA tensors the Triton kernel runs; on CPU tensors the torch reference runs. Tests force the
+kernel onto CPU tensors through the Triton interpreter with :func:`force_triton` (which needs
+``TRITON_INTERPRET=1`` in the environment before ``triton`` is first imported). :func:`force_reference`
+does the opposite, e.g. to compare a CUDA model against its reference path.
+
+The mode lives in a :class:`contextvars.ContextVar`, so it is scoped to the ``with`` block and to the
+current thread/task; nothing here is module-level mutable state.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("arkfast_kernel_mode", default="auto")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op given ``tensors`` should launch its Triton kernel (else its torch reference)."""
+    mode = _MODE.get()
+    if mode == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if mode == "triton":
+        if not on_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                "force_triton() on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return True
+    return on_cuda
+
+
+@contextlib.contextmanager
+def _mode(value: str) -> Iterator[None]:
+    token = _MODE.set(value)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def force_triton() -> contextlib.AbstractContextManager[None]:
+    """Run Triton kernels even on CPU tensors (through the interpreter) inside the block."""
+    return _mode("triton")
+
+
+def force_reference() -> contextlib.AbstractContextManager[None]:
+    """Run the torch references even on CUDA tensors inside the block."""
+    return _mode("reference")

@@ -1,0 +1,72 @@
+"""Helpers for kernel tests: tolerances, poisoned outputs, error reports and sm_90 compilation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+# (atol, rtol) per input dtype, for outputs compared against a float32/float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+POISON = float("nan")
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer filled with NaN (or the dtype's max for integers), so unwritten elements fail."""
+    if t.dtype.is_floating_point:
+        return torch.full_like(t, POISON)
+    return torch.full_like(t, torch.iinfo(t.dtype).max)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 atol: float | None = None, rtol: float | None = None, name: str = "output") -> None:
+    """``torch.testing.assert_close`` that also reports the max and mean absolute error."""
+    default_atol, default_rtol = TOLERANCES[dtype or actual.dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    err = (a - e).abs()
+    finite = torch.isfinite(a).all().item()
+    msg = (f"{name}: max abs err {err.max().item() if err.numel() else 0:.3e}, "
+           f"mean abs err {err.mean().item() if err.numel() else 0:.3e}, all finite={finite}, "
+           f"atol={atol}, rtol={rtol}")
+    torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=msg, equal_nan=False)
+
+
+def compile_sm90(*modules: str) -> list[dict]:
+    """Compile every configuration listed by ``aot_specs()`` of ``modules`` for sm_90, in a subprocess
+    without the interpreter; returns one record per configuration."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "arkfast.kernels._aot", *modules],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not records:
+        raise AssertionError(f"no configuration compiled (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return records
+
+
+def assert_compiles_sm90(*modules: str) -> list[dict]:
+    """Every configuration compiles for sm_90 within the Hopper per-block shared-memory limit."""
+    from arkfast.kernels._aot import HOPPER_MAX_SHARED_BYTES
+
+    records = compile_sm90(*modules)
+    for r in records:
+        print(f"{r['module']}:{r['name']}: ok={r['ok']} shared={r.get('shared_bytes')} B "
+              f"wgmma={r.get('wgmma')} v4={r.get('vector_loads')}")
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, "\n".join(f"{r['name']}: {r['error']}" for r in failed)
+    over = [r for r in records if r["shared_bytes"] > HOPPER_MAX_SHARED_BYTES]
+    assert not over, "over the sm_90 shared-memory limit: " + ", ".join(
+        f"{r['name']} ({r['shared_bytes']} B)" for r in over)
+    return records
