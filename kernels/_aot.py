@@ -28,6 +28,9 @@ class KernelSpec:
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"*bf16"``,
     ``"i32"``, ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the value of each constexpr.
+    ``aligned`` names the pointer (and integer) arguments the launcher guarantees are multiples of 16
+    (bytes for pointers), as the JIT specialises them at run time; without it the compiler cannot
+    emit vector loads.
     """
 
     name: str
@@ -36,6 +39,7 @@ class KernelSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    aligned: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,7 +58,9 @@ def compile_sm90(spec: KernelSpec) -> CompiledKernel:
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    names = list(spec.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", 90, 32),

@@ -1,4 +1,4 @@
-"""Varlen causal attention over packed sequences: the torch reference the kernels are tested against.
+"""Prefill attention: varlen causal attention over packed sequences (kernel and torch reference).
 
 Sequences are concatenated along the token dim; ``cu_seqlens [B + 1]`` (int32, starting at 0) marks
 where each begins. No token attends across sequences. GQA: query head h reads KV head
@@ -8,6 +8,8 @@ multiply with V, as transformers' eager attention does.
 from __future__ import annotations
 
 import torch
+
+from ._dispatch import use_triton
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -35,3 +37,14 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out[start:end] = (probs @ vs).transpose(0, 1)
     return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, scale: float | None = None,
+                     causal: bool = True) -> torch.Tensor:
+    """Varlen (causal) attention over packed sequences; ``q [T, Hq, D]``, ``k/v [T, Hkv, D]``,
+    ``cu_seqlens [B + 1]`` int32 → ``[T, Hq, D]``. ``max_seqlen`` (the longest sequence) lets the
+    kernel size its grid without reading ``cu_seqlens`` on the host."""
+    if use_triton(q, k, v):
+        return _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale, causal)
