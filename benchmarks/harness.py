@@ -1,0 +1,291 @@
+"""The harness every ``benchmarks/bench_<op>.py`` script shares.
+
+A benchmark script does four things with it::
+
+    parser = argparse.ArgumentParser(description="...")
+    harness.add_common_args(parser)                  # --smoke --warmup --reps --no-save --device
+    args = harness.resolve_common_args(parser.parse_args())   # smoke is forced on a CPU-only machine
+    stats = harness.measure(lambda: op(x), warmup=args.warmup, reps=args.reps, device=args.device)
+    row = {"shape": ..., **stats.as_dict(), "gbps": nbytes / stats.median_ms / 1e6}
+    harness.print_table([row])                       # for people
+    if args.save:
+        harness.append_result("op", row, device=args.device)   # one JSON line for scripts
+
+Timing: on CUDA each rep is bracketed by CUDA events (the GPU time of what ``fn`` enqueues; one
+synchronise after all reps), peak memory is ``torch.cuda.max_memory_allocated`` over the timed reps.
+On CPU each rep is timed with ``time.perf_counter`` and peak memory is reported as ``None`` (not
+measured). Results go to ``benchmarks/results/<bench>.jsonl``, one JSON object per line, with the
+device, library versions, git commit and a UTC timestamp.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per-call wall (CPU) or GPU (CUDA) time of a measured function, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    mean_ms: float
+    reps: int
+    peak_mem_bytes: int | None  # None on CPU: not measured
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means the current CUDA device if any, else CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values (numpy's default rule)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 50,
+            device: torch.device | str | None = None) -> Stats:
+    """Time ``fn()`` (no arguments) ``reps`` times after ``warmup`` untimed calls.
+
+    ``device`` picks the clock: CUDA events on a CUDA device, ``time.perf_counter`` on CPU (pass
+    ``device="cpu"`` for host-side work even when a GPU is present). ``None`` = :func:`resolve_device`.
+    On CUDA, ``peak_mem_bytes`` is the peak memory allocated by torch during the timed reps, tensors
+    already alive (the inputs) included.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = resolve_device(device)
+    times_ms: list[float] = []
+    peak: int | None = None
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            for start, end in zip(starts, ends):
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            peak = torch.cuda.max_memory_allocated()
+    else:
+        for _ in range(warmup):
+            fn()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+    ordered = sorted(times_ms)
+    return Stats(
+        median_ms=statistics.median(ordered),
+        p20_ms=_quantile(ordered, 0.2),
+        p80_ms=_quantile(ordered, 0.8),
+        mean_ms=statistics.fmean(ordered),
+        reps=reps,
+        peak_mem_bytes=peak,
+    )
+
+
+def copy_bandwidth_gbps(device: torch.device | str | None = None, nbytes: int | None = None,
+                        *, warmup: int = 3, reps: int = 20) -> float:
+    """Measured copy bandwidth of ``device`` in GB/s (1e9 bytes/s), the roofline ceiling to quote.
+
+    Copies one buffer of ``nbytes`` into another on the same device (default 1 GiB on CUDA, 64 MiB
+    on CPU) and counts read + write bytes, ``2 * nbytes / median time``.
+    """
+    device = resolve_device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    stats = measure(lambda: dst.copy_(src), warmup=warmup, reps=reps, device=device)
+    return 2 * nbytes / (stats.median_ms * 1e-3) / 1e9
+
+
+def cpu_model_name() -> str:
+    """The CPU model as ``/proc/cpuinfo`` names it (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where and with what a result was measured: device, versions, git commit, UTC timestamp."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        extra: dict[str, Any] = {"cuda": torch.version.cuda, "capability": f"{props.major}.{props.minor}"}
+    else:
+        name = cpu_model_name()
+        extra = {"cpu_count": os.cpu_count()}
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "device_type": device.type,
+        **extra,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+    }
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (torch.dtype, torch.device, Path)):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} to JSON")
+
+
+def append_result(bench_name: str, record: dict[str, Any], *, device: torch.device | str | None = None,
+                  results_dir: Path | str | None = None) -> Path:
+    """Append ``record`` plus :func:`env_record` as one JSON line to ``<results_dir>/<bench_name>.jsonl``.
+
+    The line is written with a single ``write`` on an ``O_APPEND`` file, so concurrent writers never
+    interleave partial lines. Returns the file's path. ``record`` keys may not shadow the env keys.
+    """
+    env = env_record(device)
+    clash = sorted(set(env) & set(record))
+    if clash:
+        raise ValueError(f"record keys {clash} clash with the environment fields {sorted(env)}")
+    line = json.dumps({"bench": bench_name, **env, **record}, default=_to_json, sort_keys=False) + "\n"
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bench_name}.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None, file=None) -> None:
+    """Print ``rows`` as a fixed-width table; columns default to every key, in first-seen order.
+
+    Numbers are right-aligned (floats to 4 significant digits), text left-aligned, missing cells ``-``.
+    """
+    file = sys.stdout if file is None else file
+    if not rows:
+        print("(no rows)", file=file)
+        return
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_fmt(row.get(col)) for col in columns] for row in rows]
+    numeric = [all(isinstance(row.get(col), (int, float)) or row.get(col) is None for row in rows)
+               for col in columns]
+    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+
+    print(line(columns), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for r in cells:
+        print(line(r), file=file)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, warmup: int = 5, reps: int = 50) -> None:
+    """Add ``--smoke --warmup --reps --no-save --device`` (defaults for the full run given here)."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, few reps, nothing saved (the default on a machine without CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls before timing (default {warmup}; 1 with --smoke)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help=f"timed calls per measurement (default {reps}; 3 with --smoke)")
+    parser.add_argument("--no-save", action="store_true",
+                        help="do not append results to benchmarks/results/<bench>.jsonl")
+    parser.add_argument("--device", default=None,
+                        help="torch device to run on (default: cuda if available, else cpu)")
+    parser.set_defaults(_default_warmup=warmup, _default_reps=reps)
+
+
+def resolve_common_args(args: argparse.Namespace, *, gpu_benchmark: bool = True) -> argparse.Namespace:
+    """Fill in the common args: ``device`` becomes a ``torch.device``, ``save`` a bool.
+
+    For a GPU benchmark (``gpu_benchmark=True``) on a CPU device, ``smoke`` is forced on: CPU runs are
+    smoke tests only and never saved. A smoke run is never saved either.
+    """
+    args.device = resolve_device(args.device)
+    if gpu_benchmark and args.device.type != "cuda" and not args.smoke:
+        print(f"no CUDA device ({args.device}): running as --smoke, nothing saved", file=sys.stderr)
+        args.smoke = True
+    if args.warmup is None:
+        args.warmup = 1 if args.smoke else args._default_warmup
+    if args.reps is None:
+        args.reps = 3 if args.smoke else args._default_reps
+    args.save = not (args.smoke or args.no_save)
+    return args
