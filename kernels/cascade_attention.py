@@ -1,0 +1,398 @@
+"""Cascade (shared-prefix) decode attention over a paged KV cache: the kernel, its work lists, the
+public op and the torch reference.
+
+In a debate, P problems x N agents decode together; the N agents of a problem share its question and
+transcript (the same physical KV blocks) and each owns a short suffix. Plain paged decode reads each
+shared prefix N times a step; here a *group* of sequences sharing ``prefix_lens[g]`` tokens reads them
+once: the group's queries (members x query heads of one KV head) are stacked as the rows of one tile,
+each sequence's suffix ``[prefix_lens[g], seq_lens[b])`` is read separately, and the partial results
+are merged by log-sum-exp in fp32 (see :mod:`merge_states`).
+
+One kernel serves both levels, and plain split-KV decode too. It runs a **work list**: item i is a
+tile of query rows (up to ``M`` member sequences x the ``Hq/Hkv`` query heads of one KV head, padded to
+``ROWS`` = 16 or 64, as ``tl.dot`` on tensor cores needs >= 16), a block-table row to read keys
+through, and a token range ``[start, end)``. It writes one partial ``(o, lse)`` per member and query
+head into its own slot of a scratch buffer. Plain decode is the work list with one member per item and
+one item per (sequence, KV split); cascade adds prefix items with many members. Launches per call: 2
+(this kernel over the whole list, then the merge kernel). The merge is not fused into an epilogue
+because a sequence's parts come from different programs (prefix tile, suffix splits) with no order
+between them; fusing would need a grid-wide semaphore, while the separate merge reads only
+``parts x Hq x (D + 1)`` fp32 numbers, a few percent of the KV bytes.
+
+Log base: partial LSEs are base 2 (``lse2 = log2 sum 2^(x * log2 e)``, scores pre-multiplied by
+``scale * log2(e)`` so the softmax uses ``exp2``); the merge converts to the natural log the public
+functions return.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import KernelSpec
+from ._dispatch import interpreter_enabled, use_triton
+from .merge_states import LN_2, merge_partials
+from .paged_kv import gather_kv_reference
+
+if TYPE_CHECKING:
+    from .decode_attention import DecodePlan
+
+LOG2_E = math.log2(math.e)
+MAX_ROWS = 64           # query rows in one tile: members x (Hq / Hkv); larger groups take several tiles
+_ROWS = (16, MAX_ROWS)  # tile heights the launcher picks (fewer AOT configurations than every power of two)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Triton's CPU interpreter multiplies bf16 tiles in tl.dot as their raw uint16 bit patterns; under it
+# _dot upcasts to fp32 first (exact: products of bf16/fp16 values are exact in fp32, and the GPU's MMA
+# accumulates in fp32 too). Read once at import; the AOT compile runs without the interpreter.
+_INTERPRETED = tl.constexpr(interpreter_enabled())
+
+
+@dataclass
+class WorkList:
+    """The kernel's input: ``I`` work items over a batch of ``B`` sequences (int32 tensors).
+
+    ``table_row [I]``: block-table row the item reads keys through; ``kv_range [I, 2]``: its token
+    range ``[start, end)`` (empty is allowed: it writes ``o = 0``, ``lse = -inf``); ``seq [I, M]``:
+    the member sequences whose queries form the tile (-1 pads); ``part [I, M]``: each member's
+    partial slot; ``part_ptr [B + 1]``: sequence b's slots are ``[part_ptr[b], part_ptr[b + 1])``.
+    ``rows`` is the tile height, ``kv_tokens`` the tokens read per KV head (for the cost model).
+    """
+
+    table_row: torch.Tensor
+    kv_range: torch.Tensor
+    seq: torch.Tensor
+    part: torch.Tensor
+    part_ptr: torch.Tensor
+    rows: int
+    num_parts: int
+    kv_tokens: int
+
+    @property
+    def num_items(self) -> int:
+        return self.table_row.shape[0]
+
+
+def tile_rows(members: int, gqa: int) -> int:
+    """Tile height for ``members`` sequences x ``gqa`` query heads: 16 or ``MAX_ROWS``.
+
+    Decode is bandwidth-bound, so a half-empty 64-row tile costs little next to another compiled
+    configuration; 16 is the smallest ``tl.dot`` height on tensor cores."""
+    if members * gqa > MAX_ROWS:
+        raise ValueError(f"{members} members x {gqa} query heads per KV head exceed {MAX_ROWS} tile rows")
+    return 16 if members * gqa <= 16 else MAX_ROWS
+
+
+def build_work_list(units: list[tuple[int, int, int, list[int]]], chunks: list[int], batch_size: int,
+                    gqa: int) -> WorkList:
+    """Split each unit ``(table_row, start, end, member_seqs)`` into items of at most ``chunks[u]``
+    tokens and give every (item, member) a partial slot; slots of one sequence are contiguous.
+    Host-side, returns CPU tensors."""
+    if len(chunks) != len(units) or any(c <= 0 for c in chunks):
+        raise ValueError(f"need one positive chunk size per unit, got {chunks} for {len(units)} units")
+    members = max([len(u[3]) for u in units], default=1)
+    counts = [0] * batch_size
+    items = []
+    for (table_row, start, end, seqs), chunk in zip(units, chunks):
+        for lo in range(start, end, chunk):
+            items.append((table_row, lo, min(lo + chunk, end), seqs, [counts[b] for b in seqs]))
+            for b in seqs:
+                counts[b] += 1
+    part_ptr = [0]
+    for c in counts:
+        part_ptr.append(part_ptr[-1] + c)
+    seq_rows = [seqs + [-1] * (members - len(seqs)) for _, _, _, seqs, _ in items]
+    part_rows = [[part_ptr[b] + k for b, k in zip(seqs, ks)] + [-1] * (members - len(seqs))
+                 for _, _, _, seqs, ks in items]
+    i32 = torch.int32
+    return WorkList(
+        table_row=torch.tensor([it[0] for it in items], dtype=i32),                       # [I]
+        kv_range=torch.tensor([[it[1], it[2]] for it in items], dtype=i32).reshape(-1, 2),  # [I, 2]
+        seq=torch.tensor(seq_rows, dtype=i32).reshape(-1, members),                        # [I, M]
+        part=torch.tensor(part_rows, dtype=i32).reshape(-1, members),                      # [I, M]
+        part_ptr=torch.tensor(part_ptr, dtype=i32),                                        # [B + 1]
+        rows=tile_rows(members, gqa),
+        num_parts=part_ptr[-1],
+        kv_tokens=sum(it[2] - it[1] for it in items),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel: one program per (work item, KV head). Online softmax in base 2 (Milakov & Gimelshein 2018;
+# FlashAttention, Dao et al. 2022): with x = q.k * scale * log2(e), after each tile of keys
+#   m' = max(m, max_j x_j),  l' = l * 2^(m - m') + sum_j 2^(x_j - m'),
+#   acc' = acc * 2^(m - m') + sum_j 2^(x_j - m') v_j,
+# and at the end o = acc / l, lse2 = m + log2(l). Inside the loop every tile has at least one valid
+# key, so m' is finite and 2^(m - m') is 0 on the first tile (m = -inf); padded rows (q = 0) score 0.
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b):
+    """``a @ b`` accumulated in fp32. "tf32x3" only matters for fp32 caches (fp32-accurate on tensor
+    cores, where plain tf32 keeps 10 mantissa bits); bf16/fp16 operands ignore it."""
+    if _INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
+def _paged_partial_kernel(
+    q_ptr,                 # [B, Hq, D] (batch/head strides given, unit last stride)
+    k_ptr, v_ptr,          # [num_blocks * page, Hkv, D] contiguous
+    tables_ptr,            # [R, W] int32 block tables
+    item_table_ptr,        # [I] int32
+    item_range_ptr,        # [I, 2] int32
+    item_seq_ptr,          # [I, M] int32
+    item_part_ptr,         # [I, M] int32
+    part_o_ptr,            # [P, Hq, D] fp32
+    part_lse_ptr,          # [P, Hq] fp32, base 2
+    qk_scale,              # fp32: softmax scale * log2(e)
+    gqa, members, page_bits, num_q_heads,
+    stride_qb, stride_qh, stride_slot, stride_table,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    table_row = tl.load(item_table_ptr + item)
+    kv_start = tl.load(item_range_ptr + 2 * item)
+    kv_end = tl.load(item_range_ptr + 2 * item + 1)
+
+    # Row r of the tile is query head kv_head * gqa + r % gqa of member r // gqa.
+    r = tl.arange(0, ROWS)
+    member = r // gqa
+    in_tile = member < members
+    seq = tl.load(item_seq_ptr + item * members + member, mask=in_tile, other=-1)    # [ROWS]
+    part = tl.load(item_part_ptr + item * members + member, mask=in_tile, other=0)   # [ROWS]
+    row_ok = seq >= 0
+    seq = tl.where(row_ok, seq, 0)
+    head = kv_head * gqa + r % gqa                                                   # [ROWS]
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + seq.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)                                     # [ROWS, D]
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    table = tables_ptr + table_row.to(tl.int64) * stride_table
+    page_mask = (1 << page_bits) - 1
+    for start in range(kv_start, kv_end, BLOCK_N):
+        tok = start + tl.arange(0, BLOCK_N)                                          # [BLOCK_N]
+        tok_ok = tok < kv_end
+        block = tl.load(table + (tok >> page_bits), mask=tok_ok, other=0)
+        slot = (block.to(tl.int64) << page_bits) + (tok & page_mask)
+        kv_offs = slot[:, None] * stride_slot + kv_head * D + d[None, :]             # [BLOCK_N, D]
+        k = tl.load(k_ptr + kv_offs, mask=tok_ok[:, None], other=0.0)
+        x = _dot(q, tl.trans(k)) * qk_scale                                          # [ROWS, BLOCK_N]
+        x = tl.where(tok_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_offs, mask=tok_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)    # p rounded to the cache dtype for the MMA
+        m_i = m_new
+
+    # An empty range leaves l = 0, m = -inf: write o = 0, lse = -inf (the merge gives it weight 0).
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+    part64 = part.to(tl.int64)
+    tl.store(part_o_ptr + (part64[:, None] * num_q_heads + head[:, None]) * D + d[None, :], o,
+             mask=row_ok[:, None])
+    tl.store(part_lse_ptr + part64 * num_q_heads + head, lse2, mask=row_ok)
+
+
+def _block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per tile: 64, or fewer so a [BLOCK_N, D] tile of K (and of V) stays <= 16 KiB."""
+    return min(64, 16384 // (head_dim * dtype.itemsize))
+
+
+def check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                        ) -> tuple[int, int, int, int, int]:
+    """Validate ``q [B, Hq, D]`` and the caches ``[num_blocks, block_size, Hkv, D]``; returns
+    ``(B, Hq, Hkv, D, block_size)``."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
+    B, Hq, D = q.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or cache.shape[3] != D:
+            raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D={D}], got {tuple(cache.shape)}")
+        if cache.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {cache.dtype} must match q dtype {q.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name} is on {cache.device}, q on {q.device}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    return B, Hq, Hkv, D, block_size
+
+
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """``out`` if it fits ``q`` (shape, dtype, device, unit last stride), a new buffer if None."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
+    return out
+
+
+def attend_work_list(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, work: WorkList, *, scale: float, out: torch.Tensor,
+                     lse_out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Launch the partial kernel over ``work`` then merge each sequence's parts into ``out [B, Hq, D]``
+    and ``lse_out [B, Hq]`` (fp32, natural log). ``part_o [>= P, Hq, D]`` / ``part_lse [>= P, Hq]`` fp32
+    are scratch. Two launches, no host sync (every size here is tensor metadata)."""
+    _, Hq, Hkv, D, block_size = check_decode_inputs(q, k_cache, v_cache)
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {_HEAD_DIMS}, got {D}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be a row-major [rows, max_blocks] int32 tensor, got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype}")
+    if part_o.shape[0] < work.num_parts or part_o.shape[1:] != (Hq, D):
+        raise ValueError(f"part_o {tuple(part_o.shape)} must be [>= {work.num_parts}, {Hq}, {D}]")
+    if q.stride(-1) != 1:
+        q = q.contiguous()  # the kernel addresses head dims with unit stride
+    gqa = Hq // Hkv
+    members = work.seq.shape[1]
+    if work.rows < members * gqa:
+        raise ValueError(f"work list tiles hold {work.rows} rows, need {members} x {gqa}")
+    if work.num_items > 0:
+        _paged_partial_kernel[(work.num_items, Hkv)](
+            q, k_cache, v_cache, block_tables,
+            work.table_row, work.kv_range, work.seq, work.part, part_o, part_lse,
+            float(scale) * LOG2_E, gqa, members, block_size.bit_length() - 1, Hq,
+            q.stride(0), q.stride(1), Hkv * D, block_tables.stride(0),
+            D=D, ROWS=work.rows, BLOCK_N=_block_n(D, q.dtype), num_warps=4, num_stages=2,
+        )
+    merge_partials(part_o, part_lse, work.part_ptr, out, lse_out, lse_in_scale=1.0, lse_out_scale=LN_2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public op and torch reference.
+# ---------------------------------------------------------------------------------------------------
+def check_plan(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The run-time inputs match the shapes the plan was built for (metadata only, no sync)."""
+    B, Hq, Hkv, D, block_size = check_decode_inputs(q, k_cache, v_cache)
+    got = (B, Hq, Hkv, D, block_size)
+    want = (plan.batch_size, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.block_size)
+    if got != want:
+        raise ValueError(f"inputs have (B, Hq, Hkv, D, block_size) = {got}, the plan was built for {want}")
+    if plan.block_tables.device != q.device:
+        raise ValueError(f"plan lives on {plan.block_tables.device}, q on {q.device}")
+
+
+def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             plan: DecodePlan, *, scale: float | None = None,
+                             out: torch.Tensor | None = None, return_lse: bool = False):
+    """Shared-prefix decode attention for one layer, on a plan from ``plan_decode(..., group_ids=...,
+    prefix_lens=...)``.
+
+    ``q [B, Hq, D]`` (fp32/bf16/fp16), ``k_cache``/``v_cache [num_blocks, block_size, Hkv, D]`` in
+    ``q``'s dtype. Group g's members share tokens ``[0, prefix_lens[g])``, read through the table row
+    of its first member; each sequence b reads ``[prefix_lens[g], seq_lens[b])`` through its own row.
+    Returns ``out [B, Hq, D]`` in ``q.dtype`` (written into ``out`` if given), and with
+    ``return_lse`` also ``lse [B, Hq]`` float32 (natural log). Two kernel launches, no host sync.
+
+    Example::
+
+        plan = plan_decode(tables, lens, group_ids=[0, 0, 0, 1], prefix_lens=[300, 40], block_size=16,
+                           num_kv_heads=2, num_q_heads=12, head_dim=128, device="cuda")
+        o = cascade_decode_attention(q, k_cache, v_cache, plan)    # [4, 12, 128]
+    """
+    if plan.cascade is None:
+        raise ValueError("the plan has no prefix groups: pass group_ids and prefix_lens to plan_decode")
+    check_plan(plan, q, k_cache, v_cache)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = check_out(out, q)
+    if use_triton(q, k_cache, v_cache):
+        lse = torch.empty_like(plan.lse) if return_lse else plan.lse
+        attend_work_list(q, k_cache, v_cache, plan.block_tables, plan.cascade, scale=scale, out=out,
+                         lse_out=lse, part_o=plan.part_o, part_lse=plan.part_lse)
+    else:
+        ref, lse = cascade_decode_attention_reference(
+            q, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.group_ids, plan.prefix_lens,
+            scale=scale, return_lse=True)
+        out.copy_(ref)
+    return (out, lse) if return_lse else out
+
+
+def cascade_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       block_tables: torch.Tensor, seq_lens, group_ids, prefix_lens,
+                                       scale: float | None = None, return_lse: bool = False):
+    """Torch reference, sequence by sequence: keys are the group's prefix ``[0, prefix_lens[g])``
+    gathered through the group's first member's table row, then the sequence's own tokens
+    ``[prefix_lens[g], seq_lens[b])`` through its own row; fp32 softmax. ``seq_lens``, ``group_ids``
+    (``[B]``) and ``prefix_lens`` (``[G]``) are lists or CPU tensors. A sequence with no keys gets
+    ``o = 0``, ``lse = -inf``."""
+    seq_lens, group_ids, prefix_lens = (torch.as_tensor(x).tolist()  # host loop: a reference, not a hot path
+                                        for x in (seq_lens, group_ids, prefix_lens))
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    first = {}
+    for b, g in enumerate(group_ids):
+        first.setdefault(g, b)
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        g = group_ids[b]
+        prefix = min(prefix_lens[g], seq_lens[b])
+        k_pre, v_pre = gather_kv_reference(k_cache, v_cache, block_tables[first[g]], prefix)
+        k_own, v_own = gather_kv_reference(k_cache, v_cache, block_tables[b], seq_lens[b])
+        k = torch.cat((k_pre, k_own[prefix:]))                               # [L, Hkv, D]
+        v = torch.cat((v_pre, v_own[prefix:]))
+        if k.shape[0] == 0:
+            continue
+        k = k.float().repeat_interleave(Hq // Hkv, dim=1)                    # [L, Hq, D]
+        v = v.float().repeat_interleave(Hq // Hkv, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale         # [Hq, L]
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v)
+        lse[b] = torch.logsumexp(scores, dim=-1)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations: head dims x dtypes x tile heights (BLOCK_N follows from D and dtype).
+# ---------------------------------------------------------------------------------------------------
+def aot_specs() -> list[KernelSpec]:
+    specs = []
+    for dtype in _DTYPES:
+        t = _TRITON_TYPE[dtype]
+        for D in _HEAD_DIMS:
+            for rows in _ROWS:
+                specs.append(KernelSpec(
+                    name=f"paged_partial_{t}_d{D}_rows{rows}",
+                    fn=_paged_partial_kernel,
+                    signature={
+                        "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "tables_ptr": "*i32",
+                        "item_table_ptr": "*i32", "item_range_ptr": "*i32", "item_seq_ptr": "*i32",
+                        "item_part_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                        "qk_scale": "fp32", "gqa": "i32", "members": "i32", "page_bits": "i32",
+                        "num_q_heads": "i32", "stride_qb": "i32", "stride_qh": "i32",
+                        "stride_slot": "i32", "stride_table": "i32",
+                        "D": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr",
+                    },
+                    constexprs={"D": D, "ROWS": rows, "BLOCK_N": _block_n(D, dtype)},
+                    num_warps=4, num_stages=2,
+                    aligned=("q_ptr", "k_ptr", "v_ptr", "tables_ptr", "item_table_ptr", "item_range_ptr",
+                             "item_seq_ptr", "item_part_ptr", "part_o_ptr", "part_lse_ptr",
+                             "stride_qb", "stride_qh", "stride_slot"),
+                ))
+    return specs

@@ -1,0 +1,191 @@
+"""Paged split-KV decode attention and the decode plan: kernel (through the interpreter) and reference
+against attention over the sequences' dense K/V, plan reuse across layers, the cost model's choices."""
+import pytest
+import torch
+
+from arkfast.kernels.decode_attention import (
+    decode_attention,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    plan_decode,
+)
+from kernel_testing import assert_close, poison_like
+
+
+def make_paged(lens, *, num_kv_heads, head_dim, block_size, dtype, seed, value_seed=None, spare_blocks=3):
+    """Random K/V for sequences of ``lens`` tokens scattered into randomly numbered blocks of a cache
+    whose unwritten slots are NaN (a kernel reading past a sequence's end fails loudly). The block
+    layout depends on ``seed`` only, the values on ``value_seed`` (default: ``seed``).
+    Returns ``k_cache, v_cache, block_tables [B, W] int32, seq_lens [B] int32, keys, values`` with
+    ``keys[b]``/``values[b]`` the dense ``[lens[b], Hkv, D]`` data."""
+    gen = torch.Generator().manual_seed(seed)
+    values_gen = torch.Generator().manual_seed(seed if value_seed is None else value_seed)
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    tables = torch.full((len(lens), max(need, default=0) + 1), -1, dtype=torch.int32)
+    order = torch.randperm(num_blocks, generator=gen)
+    keys, values, used = [], [], 0
+    for b, n in enumerate(lens):
+        k = torch.randn(n, num_kv_heads, head_dim, generator=values_gen).to(dtype)
+        v = torch.randn(n, num_kv_heads, head_dim, generator=values_gen).to(dtype)
+        blocks = order[used:used + need[b]]
+        used += need[b]
+        tables[b, :need[b]] = blocks.int()
+        tok = torch.arange(n)
+        k_cache[blocks[tok // block_size], tok % block_size] = k
+        v_cache[blocks[tok // block_size], tok % block_size] = v
+        keys.append(k)
+        values.append(v)
+    return k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), keys, values
+
+
+def dense_attention(q, keys, values, scale=None):
+    """fp64 attention of ``q [B, Hq, D]`` over dense per-sequence K/V → (out, lse natural log)."""
+    B, Hq, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        if keys[b].shape[0] == 0:
+            continue
+        gqa = Hq // keys[b].shape[1]
+        k = keys[b].double().repeat_interleave(gqa, 1)                          # [L, Hq, D]
+        v = values[b].double().repeat_interleave(gqa, 1)
+        scores = torch.einsum("hd,lhd->hl", q[b].double(), k) * scale          # [Hq, L]
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+        lse[b] = torch.logsumexp(scores, -1)
+    return out, lse
+
+
+CASES = [  # dtype, Hq, Hkv, D, block_size, lens
+    (torch.float32, 4, 4, 64, 16, [1, 17, 40]),          # GQA 1, a one-token sequence
+    (torch.bfloat16, 8, 2, 64, 16, [33, 1, 16, 70]),      # GQA 4, block-crossing lengths
+    (torch.float32, 8, 1, 128, 32, [17, 65]),             # GQA 8, D 128, block 32
+    (torch.bfloat16, 8, 1, 128, 16, [1, 48]),             # GQA 8, D 128
+    (torch.float16, 4, 2, 64, 16, [5, 31]),
+]
+
+
+@pytest.mark.parametrize("use_plan", [True, False], ids=["plan", "no_plan"])
+@pytest.mark.parametrize("dtype,Hq,Hkv,D,block_size,lens", CASES)
+def test_matches_dense_attention(triton_interp, use_plan, dtype, Hq, Hkv, D, block_size, lens):
+    seed = sum(lens) + D + Hq
+    k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
+        lens, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)
+    q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    plan = None
+    if use_plan:  # 48-token splits: several per sequence, boundaries inside blocks
+        plan = plan_decode(tables, seq_lens, block_size=block_size, num_kv_heads=Hkv, num_q_heads=Hq,
+                           head_dim=D, kv_chunk_size=48)
+        assert plan.plain.num_parts == sum(-(-n // 48) for n in lens)
+    out = poison_like(q)
+    got, lse = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, plan=plan, out=out,
+                                      return_lse=True)
+    assert got.data_ptr() == out.data_ptr()
+    expected, expected_lse = dense_attention(q, keys, values)
+    assert_close(got, expected, dtype=dtype)
+    assert_close(lse, expected_lse, dtype=torch.float32, atol=1e-4, name="lse")
+    ref, ref_lse = paged_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, return_lse=True)
+    assert_close(ref, expected, dtype=dtype, name="reference")
+    assert_close(ref_lse, expected_lse, dtype=torch.float32, atol=1e-4, name="reference lse")
+
+
+def test_plan_reused_across_layers_and_scale(triton_interp):
+    """One plan, two layers with different caches (same block tables): both answers right; an
+    explicit scale is honoured; q may be a strided view of a fused qkv tensor."""
+    lens, Hq, Hkv, D, bs = [23, 64, 9], 8, 2, 64, 16
+    layers = [make_paged(lens, num_kv_heads=Hkv, head_dim=D, block_size=bs, dtype=torch.float32, seed=10,
+                         value_seed=value_seed) for value_seed in (20, 21)]
+    tables, seq_lens = layers[0][2], layers[0][3]
+    assert torch.equal(layers[1][2], tables)
+    plan = plan_decode(tables, seq_lens, block_size=bs, num_kv_heads=Hkv, num_q_heads=Hq, head_dim=D,
+                       kv_chunk_size=32)
+    qkv = torch.randn(len(lens), (Hq + 2 * Hkv) * D, generator=torch.Generator().manual_seed(11))
+    q = qkv[:, :Hq * D].view(len(lens), Hq, D)                                 # batch stride (Hq + 2Hkv) D
+    for k_cache, v_cache, _, _, keys, values in layers:
+        got = decode_attention(q, k_cache, v_cache, plan, scale=0.3, out=poison_like(q))
+        assert_close(got, dense_attention(q, keys, values, scale=0.3)[0], name="layer output")
+
+
+def test_empty_sequence_gives_zeros_not_nan(triton_interp):
+    k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
+        [0, 5], num_kv_heads=1, head_dim=32, block_size=16, dtype=torch.float32, seed=3)
+    q = torch.randn(2, 2, 32)
+    plan = plan_decode(tables, seq_lens, block_size=16, num_kv_heads=1, num_q_heads=2, head_dim=32)
+    for p in (plan, None):
+        got, lse = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, plan=p, return_lse=True)
+        assert torch.equal(got[0], torch.zeros(2, 32)) and torch.isneginf(lse[0]).all()
+        assert_close(got[1], dense_attention(q[1:], keys[1:], values[1:])[0][0])
+
+
+def test_cpu_dispatch_runs_the_reference():
+    k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
+        [7, 40], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, seed=4)
+    q = torch.randn(2, 4, 64)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens)
+    assert_close(got, dense_attention(q, keys, values)[0])
+
+
+def _tables(lens, block_size):
+    width = max(-(-n // block_size) for n in lens)
+    return torch.arange(len(lens) * width, dtype=torch.int32).reshape(len(lens), width)
+
+
+def _plan(lens, group_ids, prefix_lens, **kw):
+    return plan_decode(_tables(lens, 16), lens, group_ids=group_ids, prefix_lens=prefix_lens, block_size=16,
+                       num_kv_heads=2, num_q_heads=12, head_dim=128, num_sms=132, **kw)
+
+
+def test_cost_model_choices():
+    """Plain for an empty prefix, for groups of one and for a prefix too short to pay for the extra
+    partials; cascade for long prefixes shared by 5 agents."""
+    five = [0] * 5 + [1] * 5
+    assert not _plan([300] * 10, five, [0, 0]).use_cascade                        # prefix 0
+    singles = _plan([2100] * 4, [0, 1, 2, 3], [2048] * 4)
+    assert not singles.use_cascade                                                 # groups of one
+    assert singles.estimated_bytes["cascade"] == singles.estimated_bytes["plain"]
+    assert not _plan([16 + 2000] * 10, five, [16, 16]).use_cascade                 # short prefix
+    long = _plan([2048 + 64] * 10, five, [2048, 2048])
+    assert long.use_cascade                                                        # 5 agents, 2k prefix
+    kv_per_token = 2 * 2 * 128 * 2
+    assert long.plain.kv_tokens == 10 * 2112 and long.cascade.kv_tokens == 2 * 2048 + 10 * 64
+    assert long.estimated_bytes["cascade"] < 0.3 * long.estimated_bytes["plain"]
+    assert long.estimated_bytes["plain"] >= 10 * 2112 * kv_per_token
+    mixed = _plan([2048 + 64] * 5 + [20 + 64] * 5, five, [2048, 20])
+    assert mixed.use_cascade                                     # per group: only the long prefix is shared
+    assert mixed.cascade.kv_tokens == 2048 + 5 * 64 + 5 * (20 + 64)
+    assert _plan([300] * 10, five, [0, 0], mode="cascade").use_cascade             # forced
+    assert not _plan([2112] * 10, five, [2048, 2048], mode="plain").use_cascade
+    assert "use_cascade=True" in repr(long)
+
+
+def test_bad_inputs_raise():
+    k_cache, v_cache, tables, seq_lens, _, _ = make_paged(
+        [5, 20], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, seed=5)
+    q = torch.randn(2, 4, 64)
+    with pytest.raises(TypeError, match="dtype"):
+        paged_decode_attention(q.bfloat16(), k_cache, v_cache, tables, seq_lens)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(torch.randn(2, 3, 64), k_cache, v_cache, tables, seq_lens)
+    with pytest.raises(ValueError, match="needs block_tables"):
+        paged_decode_attention(q, k_cache, v_cache)
+    plan = plan_decode(tables, seq_lens, block_size=16, num_kv_heads=2, num_q_heads=4, head_dim=64)
+    with pytest.raises(ValueError, match="plan was built for"):
+        paged_decode_attention(torch.randn(3, 4, 64), k_cache, v_cache, plan=plan)
+    with pytest.raises(ValueError, match="out must be"):
+        paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, out=torch.empty(2, 4, 32))
+    bad = tables.clone()
+    bad[1, 1] = -1
+    with pytest.raises(ValueError, match=r"block_tables\[1, 1\] = -1"):
+        plan_decode(bad, seq_lens, block_size=16, num_kv_heads=2, num_q_heads=4, head_dim=64)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 99"):
+        plan_decode(tables, [5, 99], block_size=16, num_kv_heads=2, num_q_heads=4, head_dim=64)
+    with pytest.raises(ValueError, match=r"prefix_lens\[0\] = 6"):
+        plan_decode(tables, seq_lens, group_ids=[0, 0], prefix_lens=[6], block_size=16, num_kv_heads=2,
+                    num_q_heads=4, head_dim=64)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        plan_decode(tables, seq_lens, group_ids=[0, 0], block_size=16, num_kv_heads=2, num_q_heads=4,
+                    head_dim=64)
