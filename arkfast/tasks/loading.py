@@ -1,0 +1,160 @@
+"""Loading problems: the built-in ``arith`` task, a local json/jsonl/parquet file (or a folder of
+them) through Hugging Face ``datasets``, or a hub dataset where the network allows.
+
+    task, problems = load_problems("data/gsm8k_test.jsonl", limit=100)   # adapter detected
+    task, problems = load_problems("openai/gsm8k:main", split="test")      # hub name[:config]
+    task, problems = load_problems()                                        # arith, test split
+
+Bad input fails early with a message naming what is wrong: a missing path, the file and line number
+of a malformed JSON line (checked line by line before ``datasets`` sees the file), a missing field
+and the fields that are there.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapters import detect_adapter, make_adapter, problem_ids
+from .arith import ArithConfig, ArithTask, arith_problems
+from .problem import Problem, Task
+
+__all__ = ["LOCAL_SUFFIXES", "load_problems", "load_records", "validate_json_file"]
+
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_problems(dataset: str | None = None, *, task: str | None = None, split: str | None = None,
+                  question_field: str | None = None, answer_field: str | None = None,
+                  limit: int | None = None, arith_config: ArithConfig | None = None) -> tuple[Task, list[Problem]]:
+    """``(task, problems)`` for ``dataset``.
+
+    ``dataset``: ``None`` or ``"arith"`` for the built-in task; a local ``.json``/``.jsonl``/``.parquet``
+    file or a folder of them; else a hub name, ``"owner/name"`` or ``"owner/name:config"``.
+    ``task``: an adapter name (``gsm8k``, ``math``, ``choice``, ``generic``, ``arith``); detected from
+    the fields when ``None``. ``split``: the hub split or the ``arith`` split (default ``"test"``); a
+    local file is one split, so it is ignored there. ``limit``: keep the first ``limit`` problems (ids do
+    not depend on it, so a resumed run with another limit lines up).
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if dataset is None or dataset == "arith":
+        if task not in (None, "arith"):
+            raise ValueError(f"task {task!r} needs a --dataset; the built-in dataset is the 'arith' task")
+        config = arith_config or ArithConfig()
+        split = split or "test"
+        n = config.num_test if split == "test" else config.num_train
+        return ArithTask(config), arith_problems(split, n if limit is None else min(n, limit), config)
+    if task == "arith":
+        raise ValueError(f"the arith task generates its own problems; drop --dataset {dataset!r}")
+
+    records, fields, source = load_records(dataset, split=split)
+    if not records:
+        raise ValueError(f"{source}: the dataset has no records")
+    if task is None:
+        adapter = detect_adapter(fields, records[0], source, question_field=question_field,
+                                 answer_field=answer_field)
+    else:
+        adapter = make_adapter(task, question_field, answer_field)
+    adapter.check_fields(fields, source)
+    ids = problem_ids(records, prefix=f"{_stem(dataset)}-")
+    if limit is not None:
+        records, ids = records[:limit], ids[:limit]
+    return adapter, [adapter.from_record(record, pid) for record, pid in zip(records, ids)]
+
+
+def load_records(dataset: str, *, split: str | None = None) -> tuple[list[dict], list[str], str]:
+    """``(records, field names, source description)`` of a local file/folder or a hub dataset."""
+    path = Path(dataset).expanduser()
+    looks_local = (path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~", "\\"))
+                   or path.exists())
+    if looks_local:
+        return _load_local(path)
+    return _load_hub(dataset, split or "test")
+
+
+def validate_json_file(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` and the line of the first malformed JSON line or record.
+
+    A file whose whole text is one JSON array is checked as such, one JSON object spread over many
+    lines is left to ``datasets``; anything else is read as JSON lines, each non-blank line one JSON
+    object.
+    """
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: element {bad} of the JSON array is not an object")
+        return
+    first = True
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if first and _is_json_document(path):  # one object over many lines: datasets reads it
+                    return
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
+            first = False
+            if not isinstance(record, dict):
+                raise ValueError(  # noqa: TRY004 (bad file content, not a bad argument)
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+
+
+def _is_json_document(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _load_local(path: Path) -> tuple[list[dict], list[str], str]:
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no .json/.jsonl/.parquet files in the dataset folder {path}")
+    else:
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise ValueError(f"dataset file {path}: unsupported suffix {path.suffix!r}; expected one of "
+                             f"{sorted(LOCAL_SUFFIXES)}")
+        files = [path]
+    kinds = {LOCAL_SUFFIXES[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"dataset folder {path} mixes json and parquet files")
+    kind = kinds.pop()
+    if kind == "json":
+        for p in files:
+            validate_json_file(p)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    except Exception as e:  # datasets raises many types; say which file it was
+        raise ValueError(f"could not read dataset {path} as {kind}: {e}") from e
+    return ds.to_list(), list(ds.column_names), str(path)
+
+
+def _load_hub(name: str, split: str) -> tuple[list[dict], list[str], str]:
+    import datasets
+
+    repo, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:
+        raise ValueError(f"{name!r} is not a local file, and loading it from the Hugging Face hub "
+                         f"(split {split!r}) failed: {type(e).__name__}: {e}") from e
+    return ds.to_list(), list(ds.column_names), f"{name} [{split}]"
+
+
+def _stem(dataset: str) -> str:
+    name = Path(dataset).name if Path(dataset).suffix in LOCAL_SUFFIXES else dataset.rstrip("/")
+    return Path(name).stem.replace(":", "-").split("/")[-1] or "problem"
