@@ -1,1 +1,48 @@
-"""Triton kernels with their torch references (installed as ``arkfast.kernels``)."""
+"""Triton kernels with their torch references, installed as ``arkfast.kernels``.
+
+Usable on its own (it imports only torch and triton). Every op dispatches the same way: on CUDA
+tensors the Triton kernel runs, on CPU tensors the torch reference; ``force_triton()`` runs the kernels
+on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``), ``force_reference()`` runs the
+references on CUDA tensors.
+
+    from arkfast.kernels import fused_linear_weighted_cross_entropy
+    loss = fused_linear_weighted_cross_entropy(hidden, lm_head.weight, labels, step_weights)
+
+"""
+from ._dispatch import force_reference, force_triton, use_triton
+from .cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
+from .decode_attention import (
+    DecodePlan,
+    decode_attention,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    plan_decode,
+)
+from .fused_linear_weighted_cross_entropy import (
+    FusedLinearWeightedCrossEntropy,
+    fused_linear_weighted_cross_entropy,
+    fused_linear_weighted_cross_entropy_reference,
+)
+from .merge_states import merge_state, merge_states, merge_states_reference
+from .paged_kv import allocate_kv_cache, gather_kv_reference, write_kv_cache, write_kv_cache_reference
+from .prefill_attention import (
+    prefill_attention,
+    prefill_attention_reference,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from .rms_norm import rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference, rope_inv_freq
+from .swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "DecodePlan", "FusedLinearWeightedCrossEntropy", "allocate_kv_cache", "apply_rope",
+    "apply_rope_reference", "cascade_decode_attention", "cascade_decode_attention_reference",
+    "decode_attention", "force_reference", "force_triton", "fused_linear_weighted_cross_entropy",
+    "fused_linear_weighted_cross_entropy_reference", "gather_kv_reference", "merge_state",
+    "merge_states", "merge_states_reference", "paged_decode_attention",
+    "paged_decode_attention_reference", "plan_decode", "prefill_attention",
+    "prefill_attention_reference", "rms_norm", "rms_norm_reference", "rope_inv_freq", "swiglu",
+    "swiglu_reference", "use_triton", "varlen_attention", "varlen_attention_reference",
+    "write_kv_cache", "write_kv_cache_reference",
+]

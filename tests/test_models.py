@@ -6,18 +6,19 @@ transformers model run on each prompt alone (eager attention, fp32).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
 import pytest
 import torch
-from kernel_testing import assert_close
-from model_fixtures import EOS_ID, VOCAB_SIZE, build_tiny_checkpoint, load_hf_model
 from safetensors.torch import load_file, save_file
 
 from arkfast.kernels._dispatch import force_reference
 from arkfast.models import DecoderModel, ModelConfig, VarlenContext, load_model, load_tokenizer, save_model
 from arkfast.models.loader import hf_names
+from kernel_testing import assert_close
+from model_fixtures import EOS_ID, VOCAB_SIZE, build_tiny_checkpoint, load_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -160,10 +161,10 @@ def test_gradients_match_transformers(checkpoints):
 def test_forward_and_backward_through_triton_kernels(checkpoints, triton_interp):
     """The same forward and backward with every op launched as its Triton kernel (interpreter on CPU):
     the model's strided q/k/v views and fused-residual calls are what the kernels get on a GPU."""
-    import arkfast.kernels.prefill_attention as attention
-    import arkfast.kernels.rms_norm as norm
-    import arkfast.kernels.rope as rope
-    import arkfast.kernels.swiglu as swiglu
+    attention = importlib.import_module("arkfast.kernels.prefill_attention")
+    norm = importlib.import_module("arkfast.kernels.rms_norm")
+    from arkfast.kernels import rope
+    swiglu = importlib.import_module("arkfast.kernels.swiglu")
 
     launchers = {norm: "_rms_norm_triton", rope: "_apply_rope_triton", swiglu: "_swiglu_triton",
                  attention: "_varlen_attention_triton"}
