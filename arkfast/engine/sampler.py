@@ -1,0 +1,91 @@
+"""The sampler: greedy, temperature, top-k and top-p over a batch of logits, with per-request seeds.
+
+Drawing without a host sync: the exponential race. If ``E_v ~ Exp(1)`` independently, then
+``argmax_v p_v / E_v`` is distributed as ``Categorical(p)``: ``P(E_v / p_v < t) = 1 - exp(-p_v t)``, so
+``E_v / p_v ~ Exp(p_v)``, and the smallest of independent exponentials is the one with rate ``p_v`` with
+probability ``p_v / sum_u p_u = p_v``. With ``E = -ln U`` for ``U ~ Uniform[0, 1)``, ``E`` is in
+``(0, inf]`` (``U = 0`` gives ``inf`` and a score of 0; a filtered token has ``p = 0`` and scores 0).
+
+Reproducibility: the uniforms of a request with a ``seed`` come from a generator seeded with a hash of
+``(seed, position of the token being drawn)``, so its draws depend on nothing else in the batch, and
+a preempted and recomputed request draws the same numbers again. Requests without a seed share the
+engine's generator (seeded by ``LLM(seed=...)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed from ``(seed, position)`` (SplitMix64's finaliser over both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclasses.dataclass
+class SamplingBatch:
+    """The sampling settings of the N rows of one step's logits, as host lists."""
+
+    params: list[SamplingParams]
+    positions: list[int]  # the sequence position each row's token will take (seeds its noise)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+
+class Sampler:
+    """``sampler(logits [N, V], batch) -> token ids [N]`` int64 on the logits' device (no host sync)."""
+
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._row_generator = torch.Generator(device=self.device)  # reseeded per seeded row
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        logits = logits.float()                                                   # [N, V]
+        greedy = logits.argmax(dim=-1)                                           # [N]
+        if batch.all_greedy:
+            return greedy
+        N, V = logits.shape
+        temperature = torch.tensor([p.temperature or 1.0 for p in batch.params], dtype=torch.float32)
+        logits = logits / temperature.to(self.device, non_blocking=True)[:, None]
+        top_k = [p.top_k if p.top_k > 0 else V for p in batch.params]
+        top_p = [p.top_p for p in batch.params]
+        if min(top_k) < V or min(top_p) < 1.0:
+            logits = apply_top_k_top_p(logits, torch.tensor(top_k).to(self.device, non_blocking=True),
+                                       torch.tensor(top_p).to(self.device, non_blocking=True))
+        probs = torch.softmax(logits, dim=-1)                                    # [N, V]
+        uniform = torch.rand(N, V, generator=self.generator, device=self.device)
+        for i, (p, pos) in enumerate(zip(batch.params, batch.positions)):
+            if p.seed is not None and not p.greedy:
+                self._row_generator.manual_seed(mix_seed(p.seed, pos))
+                uniform[i] = torch.rand(V, generator=self._row_generator, device=self.device)
+        sampled = (probs / -torch.log(uniform)).argmax(dim=-1)                   # the exponential race
+        is_greedy = torch.tensor([p.greedy for p in batch.params]).to(self.device, non_blocking=True)
+        return torch.where(is_greedy, greedy, sampled)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to ``-inf`` every logit outside row i's ``top_k[i]`` largest and outside the smallest set of
+    largest ones whose probabilities sum to at least ``top_p[i]`` (the most likely token always stays).
+
+    ``logits [N, V]`` fp32, ``top_k [N]`` int64 in ``[1, V]``, ``top_p [N]`` fp32 in ``(0, 1]``."""
+    # A stable sort ranks equal logits by token id, as argmax breaks ties: top_k = 1 is greedy.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)     # [N, V]
+    rank = torch.arange(logits.shape[1], device=logits.device)                   # [V]
+    sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop token j if the tokens ranked above it already reach top_p: cumsum_{<j} = cumsum_j - p_j.
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
