@@ -26,11 +26,15 @@ Design: chunks of rows, cuBLAS for the three matmuls, one Triton kernel for the 
 
 Memory (bf16, N tokens, vocab V, hidden H): eager keeps several ``[N, V]`` tensors alive at once (the
   logits, the fp32 copy transformers' loss makes, the log-softmax, the gradient): 5 GB per bf16 copy
-  and 10 GB per fp32 one at N = 16k, V = 152k. Here: one logits chunk of ``2 * C * V_pad`` bytes (C
-  rows, at most ``_MAX_CHUNK_BYTES`` = 512 MiB, and a quarter of the rows once N >= 4 * 1024), the
-  fp32 ``grad_weight`` accumulator ``4 * V * H`` bytes and the returned grads. Chunks of at least
-  ``_MIN_CHUNK_ROWS`` rows keep the fp32 read-modify-write of ``grad_weight`` (8 bytes per weight per
-  chunk) small next to the ``2 * C * V * H`` flops of that chunk's GEMM.
+  and 10 GB per fp32 one at N = 16k, V = 152k. Here: one ``[C, V_pad]`` logits buffer in the input
+  dtype (V_pad = V rounded up to 16; C = min(N, max(1024, ceil(N / 4)), the rows that fit in
+  ``_MAX_CHUNK_BYTES`` = 512 MiB), so at most 512 MiB and a quarter of the rows once N >= 4 * 1024),
+  the fp32 ``grad_weight`` accumulator ``4 * V * H`` bytes (5 GB at V = 152k, H = 8192) while the
+  chunks run, then the grads in the inputs' dtypes (``[V, H]`` and ``[N, H]``; for "mean"/"sum" they
+  are formed in the forward and held until backward). Chunks of ``_MIN_CHUNK_ROWS`` rows or more keep
+  the fp32 read-modify-write of ``grad_weight`` (8 bytes per weight per chunk) small next to the
+  ``2 * C * V * H`` flops of that chunk's GEMM; the memory cap gives fewer rows only for
+  V_pad > 256k (bf16/fp16 logits) or > 128k (fp32).
 
 Gradients (derived where the kernel forms them, see ``_weighted_ce_rows_kernel``): with the upstream
   gradient g_t of loss_t and h_t of logp_t,
@@ -70,8 +74,12 @@ _NUM_WARPS = 8
 _COL_ALIGN = 16  # the logits buffer's row stride is a multiple of 16 elements: aligned vector loads
 _MAX_CHUNK_BYTES = 512 << 20
 _MIN_CHUNK_ROWS = 1024
-# torch >= 2.8 on CUDA: fp16/bf16 GEMM with an fp32 output and fp32 accumulator (aten::addmm.dtype_out).
-_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+# aten::addmm.dtype_out (CUDA, torch >= 2.8) runs a bf16/fp16 GEMM with an fp32 accumulator and adds
+# it into an fp32 ``self`` in the epilogue. Its first form still required ``self`` in the operands'
+# dtype ("self and mat2 must have the same dtype"); torch 2.11 accepts an fp32 ``self`` ("self dtype
+# must match either out_dtype or mat1 dtype" in libtorch_cuda). The release in between that relaxed
+# it is not pinned down, so releases before 2.11 take the fallback in ``_accumulate_fp32``.
+_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads() and torch.__version__ >= (2, 11)
 
 
 @triton.jit
@@ -104,15 +112,18 @@ def _weighted_ce_rows_kernel(
     if COMPUTE_LSE:
         # Online log-sum-exp over blocks: with the running max m and d = sum_j exp(z_j - m),
         # a block with max m_b gives m' = max(m, m_b), d' = d * exp(m - m') + sum_b exp(z_j - m').
-        # Every block holds at least one real column (padding < 16 < BLOCK_V), so m' is finite.
-        # The first block is peeled so m and d start with the accumulator's dtype.
+        # m' is -inf while every logit so far is -inf (a -inf bias masking part of the vocabulary,
+        # padding columns): exp(-inf - (-inf)) would be NaN, so the exponents subtract s = m', or 0
+        # while m' = -inf (then exp(z_j - s) = 0 and d stays 0). A row of only -inf gets
+        # lse = -inf + log(0) = -inf, as torch.logsumexp gives. The first block is peeled so m and
+        # d start in the accumulator's dtype.
         z = tl.load(row_ptr + offs, mask=offs < load_end, other=0.0).to(acc_ty)
         if HAS_SOFTCAP:
             e = tl.exp(-2.0 * tl.abs(z) / softcap)
             z = tl.where(z < 0, -softcap, softcap) * ((1.0 - e) / (1.0 + e))
         z = tl.where(offs < n_cols, z, float("-inf"))
         m = tl.max(z, axis=0)
-        d = tl.sum(tl.exp(z - m), axis=0)
+        d = tl.sum(tl.exp(z - tl.where(m == float("-inf"), 0.0, m)), axis=0)
         for start in range(BLOCK_V, row_stride, BLOCK_V):
             cols = start + offs
             z = tl.load(row_ptr + cols, mask=cols < load_end, other=0.0).to(acc_ty)
@@ -121,7 +132,8 @@ def _weighted_ce_rows_kernel(
                 z = tl.where(z < 0, -softcap, softcap) * ((1.0 - e) / (1.0 + e))
             z = tl.where(cols < n_cols, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
             m = m_new
         lse = m + tl.log(d)
         z_y = tl.load(row_ptr + tl.where(valid, label, 0)).to(acc_ty)
@@ -372,8 +384,8 @@ _fused_ce_op.register_autograd(_backward, setup_context=_setup_context)
 def _validate(hidden, weight, labels, token_weights, bias, reduction, z_loss, softcap) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (flatten batch and sequence dims), got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V >= 1, H={hidden.shape[1]}], got {tuple(weight.shape)}")
     if hidden.dtype not in _SUPPORTED or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share one dtype of {_SUPPORTED}, "
                         f"got {hidden.dtype} and {weight.dtype}")
@@ -482,7 +494,9 @@ def fused_linear_weighted_cross_entropy_reference(
         logits = softcap * torch.tanh(logits / softcap)
     lse = torch.logsumexp(logits, dim=-1)  # [N]
     valid = labels != ignore_index
-    z_y = logits.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
+    # An ignored row gathers column 0 as a stand-in, which may be a -inf logit (a masking bias); zero it
+    # so lse - z_y stays finite there: d(w * inf)/dw = 0 * inf would put NaN in the weight gradient.
+    z_y = torch.where(valid, logits.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0], 0.0)
     w = torch.ones_like(lse) if token_weights is None else token_weights.to(acc)
     loss = torch.where(valid, w * (lse - z_y + z_loss * lse * lse), 0.0)
     logp = torch.where(valid, z_y - lse, 0.0)

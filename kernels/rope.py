@@ -86,9 +86,11 @@ def _rope_kernel(
     cos = (tl.cos(angle) * cos_scale).to(dtype).to(tl.float32)
     sin = (tl.sin(angle) * sin_scale).to(dtype).to(tl.float32)
 
-    rows = toks.to(tl.int64)[:, None]  # token * stride can pass 2**31 elements
+    # Element offsets in int64: token * token_stride passes 2**31 in long packed batches, and so can
+    # head * head_stride for head-major views ([H, T, D] transposed: head stride T * D).
+    rows = toks.to(tl.int64)[:, None]
     cols = cols[None, :]
-    h_start = tl.program_id(1) * heads_per_prog
+    h_start = tl.program_id(1).to(tl.int64) * heads_per_prog  # an int64 loop: h is int64 below
     for h in range(h_start, tl.minimum(h_start + heads_per_prog, n_heads)):
         is_q = h < n_q_heads
         x_ptrs = (tl.where(is_q, q_ptr + h * stride_qh, k_ptr + (h - n_q_heads) * stride_kh)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,23 @@ def assert_compiles_sm90(*modules: str) -> list[dict]:
     assert not over, "over the sm_90 shared-memory limit: " + ", ".join(
         f"{r['name']} ({r['shared_bytes']} B)" for r in over)
     return records
+
+
+# 64-bit address products (``mul.lo.s64`` or ``mul.wide.s32`` into an ``%rd`` register) and 32-bit
+# register-by-register products, in PTX. Offsets ``row * stride`` must be the former: a packed batch of
+# 256k tokens x 8192 hidden already passes 2**31 elements.
+MUL64 = re.compile(r"(?:mul|mad)\.(?:lo\.[su]64|wide\.[su]32)\s+%rd\d+,\s*%rd?\d+,\s*%rd?\d+")
+MUL32 = re.compile(r"(?:mul|mad)\.lo\.[su]32\s+%r\d+,\s*%r\d+,\s*%r\d+")
+
+
+def sm90_ptx(module: str, *names: str) -> dict[str, str]:
+    """PTX of the named ``aot_specs()`` configurations of ``module``, compiled for sm_90 in a
+    subprocess without the interpreter."""
+    code = ("import importlib, json, sys; from arkfast.kernels._aot import compile_sm90; "
+            "specs = {s.name: s for s in importlib.import_module(sys.argv[1]).aot_specs()}; "
+            "print(json.dumps({n: compile_sm90(specs[n]).ptx for n in sys.argv[2:]}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code, module, *names], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])

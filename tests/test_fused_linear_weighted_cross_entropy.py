@@ -11,13 +11,15 @@ from arkfast.kernels.fused_linear_weighted_cross_entropy import (
     fused_linear_weighted_cross_entropy,
     fused_linear_weighted_cross_entropy_reference,
 )
-from kernel_testing import TOLERANCES, assert_close, assert_compiles_sm90
+from kernel_testing import MUL32, MUL64, TOLERANCES, assert_close, assert_compiles_sm90, sm90_ptx
 
 flce = importlib.import_module("arkfast.kernels.fused_linear_weighted_cross_entropy")
 
 IGNORE = -100
 
 
+# A 64-bit product of two registers (row * stride in int64) and a 32-bit one (the same product left
+# in int32, which wraps past 2**31 elements) in sm_90 PTX; multiplies by constants are not matched.
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
     """Every buffer the launcher allocates starts as NaN, so anything left unwritten shows up."""
@@ -136,6 +138,34 @@ def test_all_tokens_ignored(triton_interp, reduction):
     assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_negative_infinite_logits(triton_interp, reduction, softcap):
+    # A -inf bias masks the first 4100 vocabulary entries, so every row's first 4096-column block is all
+    # -inf and the online max starts at -inf: exp(-inf - -inf) must not turn the sum into NaN. "sum"
+    # forms the grads in the forward, "none" with logprobs recomputes them in backward.
+    N, H, V = 9, 16, 4200
+    hidden, weight, _, labels, tw = _inputs(17, N, H, V, torch.float32)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(18))
+    bias[:4100] = float("-inf")
+    labels = torch.where(labels == IGNORE, IGNORE, 4100 + labels % 100)
+    kw = {"reduction": reduction, "ignore_index": IGNORE, "softcap": softcap,
+          "return_logprobs": reduction == "none"}
+    g = torch.Generator().manual_seed(19)
+    upstream = [torch.randn(N if reduction == "none" else (), generator=g, dtype=torch.float64),
+                torch.randn(N, generator=g, dtype=torch.float64)][: 1 + kw["return_logprobs"]]
+    with force_triton():
+        got, got_grads = _run(fused_linear_weighted_cross_entropy, hidden, weight, bias, labels, tw,
+                              upstream, **kw)
+    exp, exp_grads = _run(fused_linear_weighted_cross_entropy_reference, hidden.double(), weight.double(),
+                          bias.double(), labels, tw.double(), upstream, **kw)
+    for name, a, e in zip(("loss", "logp"), got, exp):
+        assert_close(a, e, dtype=torch.float32, name=name)
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias", "grad_tw"), got_grads, exp_grads):
+        assert_close(a, e, dtype=torch.float32, name=name)
+    assert torch.all(got_grads[2][:4100] == 0), "masked vocabulary entries got a bias gradient"
+
+
 def test_float16_and_int32_labels(triton_interp):
     hidden, weight, _, labels, tw = _inputs(9, 33, 32, 250, torch.float16)
     with force_triton():
@@ -233,3 +263,13 @@ def test_compiles_for_sm90():
     records = assert_compiles_sm90("arkfast.kernels.fused_linear_weighted_cross_entropy")
     # Every fp32/bf16/fp16 configuration streams the logits with 16-byte vector loads.
     assert all(r["vector_loads"] for r in records if "fp64" not in r["name"])
+
+
+def test_row_offsets_are_64_bit():
+    # A chunk row of the logits buffer starts at row * V_pad elements: 14k rows x 152k columns pass
+    # 2**31, so the product must be formed in int64.
+    ptx = sm90_ptx("arkfast.kernels.fused_linear_weighted_cross_entropy",
+                    "weighted_ce_bf16_loss_grad_softcap", "weighted_ce_fp32_loss")
+    for name, code in ptx.items():
+        assert not MUL32.search(code), f"{name}: 32-bit offset product {MUL32.search(code).group()}"
+        assert MUL64.search(code), name

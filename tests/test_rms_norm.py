@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from arkfast.kernels.rms_norm import _rms_norm_triton, rms_norm, rms_norm_reference
-from kernel_testing import assert_close, assert_compiles_sm90, poison_like
+from kernel_testing import MUL32, MUL64, assert_close, assert_compiles_sm90, poison_like, sm90_ptx
 
 rms_mod = importlib.import_module("arkfast.kernels.rms_norm")
 
 
+# A 64-bit product of two registers (row * stride in int64) and a 32-bit one (the same product left
+# in int32, which wraps past 2**31 elements) in sm_90 PTX; multiplies by constants are not matched.
 def _exact_in_fp32(dtype):
     """x + residual is rounded once to the input dtype, as torch does, so fp32 matches bit for bit.
     The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest, so bf16 gets 1 ulp."""
@@ -144,3 +146,13 @@ def test_compiles_sm90():
     records = assert_compiles_sm90("arkfast.kernels.rms_norm")
     aligned = [r for r in records if not r["name"].endswith("unaligned")]
     assert all(r["vector_loads"] for r in aligned), [r["name"] for r in aligned if not r["vector_loads"]]
+
+
+def test_row_offsets_are_64_bit():
+    # A packed batch of 256k tokens x hidden 8192 holds 2**31 elements: row * stride must be formed in
+    # int64 for x, residual, residual_out and out (one row and several rows per program).
+    ptx = sm90_ptx("arkfast.kernels.rms_norm", "rms_norm_xbf16_wbf16_res1_m1_h4096",
+                    "rms_norm_xfp32_wfp32_res0_m32_h64")
+    for name, code in ptx.items():
+        assert not MUL32.search(code), f"{name}: 32-bit offset product {MUL32.search(code).group()}"
+        assert len(MUL64.findall(code)) >= (4 if "res1" in name else 2), name

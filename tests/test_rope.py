@@ -1,11 +1,14 @@
 """RoPE kernel (through the Triton interpreter) against its torch reference."""
+
 import pytest
 import torch
 
 import arkfast.kernels.rope as rope_mod
 from arkfast.kernels.rope import _apply_rope_triton, apply_rope, apply_rope_reference, rope_inv_freq
-from kernel_testing import assert_close, assert_compiles_sm90, poison_like
+from kernel_testing import MUL32, MUL64, assert_close, assert_compiles_sm90, poison_like, sm90_ptx
 
+# A 64-bit product of two registers (row * stride in int64) and a 32-bit one (the same product left
+# in int32, which wraps past 2**31 elements) in sm_90 PTX; multiplies by constants are not matched.
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
 
@@ -134,3 +137,12 @@ def test_cpu_tensors_take_the_reference_without_forcing(monkeypatch):
 def test_compiles_sm90():
     records = assert_compiles_sm90("arkfast.kernels.rope")
     assert all(r["vector_loads"] for r in records), [r["name"] for r in records if not r["vector_loads"]]
+
+
+def test_offsets_are_64_bit():
+    # token * token_stride (a fused qkv row of 256k packed tokens) and head * head_stride (head-major
+    # views) can pass 2**31 elements: both products must be formed in int64.
+    ptx = sm90_ptx("arkfast.kernels.rope", "rope_bf16_posi64_t8_half128", "rope_fp32_posi32_t32_half32")
+    for name, code in ptx.items():
+        assert not MUL32.search(code), f"{name}: 32-bit offset product {MUL32.search(code).group()}"
+        assert len(MUL64.findall(code)) >= 2, name

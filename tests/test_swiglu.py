@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from arkfast.kernels.swiglu import _swiglu_triton, swiglu, swiglu_reference
-from kernel_testing import assert_close, assert_compiles_sm90, poison_like
+from kernel_testing import MUL32, MUL64, assert_close, assert_compiles_sm90, poison_like, sm90_ptx
 
 swiglu_mod = importlib.import_module("arkfast.kernels.swiglu")
 
 
+# A 64-bit product of two registers (row * stride in int64) and a 32-bit one (the same product left
+# in int32, which wraps past 2**31 elements) in sm_90 PTX; multiplies by constants are not matched.
 def _gate_up(seed, lead, I, dtype):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*lead, 2 * I, generator=g).mul_(3.0).to(dtype)  # gates well into silu's tails
@@ -90,3 +92,11 @@ def test_compiles_sm90():
     # bf16/fp16. Every other configuration must use 16-byte vector loads.
     wide = [r for r in records if not r["name"].endswith("_b128") or "fp32" in r["name"]]
     assert all(r["vector_loads"] for r in wide), [r["name"] for r in wide if not r["vector_loads"]]
+
+
+def test_row_offsets_are_64_bit():
+    # 256k rows x 2I = 2 x 14336 is past 2**31 elements: row * stride must be formed in int64.
+    ptx = sm90_ptx("arkfast.kernels.swiglu", "swiglu_fwd_bf16_b1024", "swiglu_bwd_bf16_b1024")
+    for name, code in ptx.items():
+        assert not MUL32.search(code), f"{name}: 32-bit offset product {MUL32.search(code).group()}"
+        assert len(MUL64.findall(code)) >= (2 if "fwd" in name else 3), name
