@@ -182,6 +182,9 @@ def _paged_partial_kernel(
     for start in range(kv_start, kv_end, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)                                          # [BLOCK_N]
         tok_ok = tok < kv_end
+        # Lanes past kv_end never read the table (its entries there may be -1 or past the row): they
+        # take block 0 and their K/V loads are masked. int64 slots: block << page_bits times
+        # stride_slot passes 2**31 elements at 131072 blocks of 16 x 8 x 128.
         block = tl.load(table + (tok >> page_bits), mask=tok_ok, other=0)
         slot = (block.to(tl.int64) << page_bits) + (tok & page_mask)
         kv_offs = slot[:, None] * stride_slot + kv_head * D + d[None, :]             # [BLOCK_N, D]
@@ -264,8 +267,18 @@ def attend_work_list(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
         raise ValueError(f"block_tables must be a row-major [rows, max_blocks] int32 tensor, got "
                          f"{tuple(block_tables.shape)} {block_tables.dtype}")
-    if part_o.shape[0] < work.num_parts or part_o.shape[1:] != (Hq, D):
-        raise ValueError(f"part_o {tuple(part_o.shape)} must be [>= {work.num_parts}, {Hq}, {D}]")
+    # The partial kernel writes the scratch before the merge launcher checks it: check it here.
+    if (part_o.shape[0] < work.num_parts or part_o.shape[1:] != (Hq, D) or part_o.dtype != torch.float32
+            or not part_o.is_contiguous()):
+        raise ValueError(f"part_o {tuple(part_o.shape)} {part_o.dtype} must be a contiguous "
+                         f"[>= {work.num_parts}, {Hq}, {D}] float32 tensor")
+    if part_lse.shape != part_o.shape[:2] or part_lse.dtype != torch.float32 or not part_lse.is_contiguous():
+        raise ValueError(f"part_lse {tuple(part_lse.shape)} {part_lse.dtype} must be a contiguous "
+                         f"[{part_o.shape[0]}, {Hq}] float32 tensor")
+    for name, t in (("block_tables", block_tables), ("work list", work.table_row), ("part_o", part_o),
+                    ("part_lse", part_lse)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if q.stride(-1) != 1:
         q = q.contiguous()  # the kernel addresses head dims with unit stride
     gqa = Hq // Hkv

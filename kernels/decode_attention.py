@@ -285,15 +285,17 @@ def _capacity_work_list(block_tables: torch.Tensor, seq_lens: torch.Tensor, bloc
     device = block_tables.device
     num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                else DEFAULT_NUM_SMS)
-    capacity = max(W * block_size, 1)
+    capacity = W * block_size
     per_seq = max(1, _cdiv(WAVES * num_sms, num_kv_heads) // max(B, 1))
-    chunk = max(_round_up(_cdiv(capacity, per_seq), CHUNK_ALIGN),
+    chunk = max(_round_up(_cdiv(max(capacity, 1), per_seq), CHUNK_ALIGN),
                 _min_chunk(1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                            itemsize=itemsize))
-    splits = _cdiv(capacity, chunk)
+    splits = max(_cdiv(capacity, chunk), 1)
     i32 = {"dtype": torch.int32, "device": device}
     seq = torch.arange(B, **i32).repeat_interleave(splits)                        # [B*S]
     start = torch.arange(splits, **i32).repeat(B) * chunk                           # [B*S]
+    # Clamped to the table width: a longer seq_lens entry (not checked: that would need a host sync)
+    # must not send the kernel past the end of its table row.
     lens = seq_lens.to(device=device, dtype=torch.int32, non_blocking=True).clamp(max=capacity)  # [B]
     end = torch.minimum(lens[seq.long()], start + chunk)
     return WorkList(
@@ -316,7 +318,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns ``out [B, Hq, D]`` in ``q.dtype`` (written into ``out`` if given) and, with
     ``return_lse``, ``lse [B, Hq]`` float32 (natural log; -inf for a sequence with no tokens, whose
     output is 0). With a ``plan`` (from :func:`plan_decode`) its tables are used and ``block_tables``
-    / ``seq_lens`` may be None; without one, splits are sized from the table width, on the device.
+    / ``seq_lens`` may be None; without one, splits are sized from the table width, on the device, and
+    a ``seq_lens`` entry past the table's capacity (``W x block_size``) counts as that capacity (it is
+    not read back to be checked), so no table row is read past its end.
 
     Example::
 

@@ -116,14 +116,17 @@ def merge_partials(part_o: torch.Tensor, part_lse: torch.Tensor, part_ptr: torch
         raise ValueError(f"part_lse must be [P, {H}] float32, got {tuple(part_lse.shape)} {part_lse.dtype}")
     if not (part_o.is_contiguous() and part_lse.is_contiguous()):
         raise ValueError("part_o and part_lse must be contiguous")
-    if part_ptr.shape != (N + 1,) or part_ptr.dtype != torch.int32:
-        raise ValueError(f"part_ptr must be [N + 1 = {N + 1}] int32, got {tuple(part_ptr.shape)} "
-                         f"{part_ptr.dtype}")
+    if part_ptr.shape != (N + 1,) or part_ptr.dtype != torch.int32 or part_ptr.stride(0) != 1:
+        raise ValueError(f"part_ptr must be a contiguous [N + 1 = {N + 1}] int32 tensor, got "
+                         f"{tuple(part_ptr.shape)} {part_ptr.dtype} strides {part_ptr.stride()}")
     if out.stride(-1) != 1:
         raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
     if lse_out.shape != (N, H) or lse_out.dtype != torch.float32 or not lse_out.is_contiguous():
         raise ValueError(f"lse_out must be a contiguous [{N}, {H}] float32 tensor, got "
                          f"{tuple(lse_out.shape)} {lse_out.dtype}")
+    for name, t in (("part_o", part_o), ("part_lse", part_lse), ("part_ptr", part_ptr), ("lse_out", lse_out)):
+        if t.device != out.device:
+            raise ValueError(f"{name} is on {t.device}, out on {out.device}")
     if N == 0 or H == 0:
         return
     block_h = _block_h(D)

@@ -76,7 +76,9 @@ def _write_kv_cache_kernel(
     tok64 = tok.to(tl.int64)
     src_k = k_ptr + tok64 * stride_kt + heads[:, None] * stride_kh + dims[None, :]
     src_v = v_ptr + tok64 * stride_vt + heads[:, None] * stride_vh + dims[None, :]
-    dst = slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]  # int64 offsets
+    # int64: slot * stride_cs passes 2**31 elements at 131072 blocks of 16 x 8 x 128. A -1 slot gives a
+    # negative offset, but only on lanes the mask turns off.
+    dst = slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
     tl.store(k_cache_ptr + dst, tl.load(src_k, mask=mask), mask=mask)
     tl.store(v_cache_ptr + dst, tl.load(src_v, mask=mask), mask=mask)
 
@@ -109,9 +111,14 @@ def _write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tens
         raise TypeError(f"k/v dtypes must match and be one of {_DTYPES}, got {k.dtype}, {v.dtype}")
     _check_cache("k_cache", k_cache, Hkv, D, k.dtype)
     _check_cache("v_cache", v_cache, Hkv, D, k.dtype)
-    if slot_mapping.shape != (T,) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be [T={T}] int64, got {tuple(slot_mapping.shape)} "
-                         f"{slot_mapping.dtype}")
+    if slot_mapping.shape != (T,) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+        raise ValueError(f"slot_mapping must be a contiguous [T={T}] int64 tensor, got "
+                         f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} strides {slot_mapping.stride()}")
+    # The kernel dereferences every pointer on the launching device: a CPU slot_mapping next to CUDA
+    # caches is not an error the interpreter can show.
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
+        if t.device != k.device:
+            raise ValueError(f"{name} is on {t.device}, k on {k.device}")
     if T == 0:
         return
     block_h = _block_h(D)

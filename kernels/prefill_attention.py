@@ -173,6 +173,12 @@ def _prefill_fwd_kernel(
     tl.store(lse_ptr + tok64 * stride_lt + head, lse, mask=row_ok)
 
 
+def _check_grid_y(programs: int, what: str) -> None:
+    """CUDA caps a grid's y dimension at 65535; the interpreter does not, so check on the host."""
+    if programs > _MAX_GRID_Y:
+        raise ValueError(f"{what} = {programs} programs exceeds the grid limit {_MAX_GRID_Y}")
+
+
 def _tile_dim(head_dim: int) -> int:
     """The compiled head-dim tile width for a head dim <= 128 (64 or 128)."""
     return 64 if head_dim <= 64 else 128
@@ -223,9 +229,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit last-dim stride, got strides {t.stride()}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be [B + 1] int32, got {tuple(cu_seqlens.shape)} "
-                         f"{cu_seqlens.dtype}")
+    if (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32
+            or cu_seqlens.stride(0) != 1):
+        raise ValueError(f"cu_seqlens must be a contiguous [B + 1] int32 tensor, got {tuple(cu_seqlens.shape)} "
+                         f"{cu_seqlens.dtype} strides {cu_seqlens.stride()}")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if t.device != q.device:  # a CPU index tensor next to CUDA q: the kernel would read a host pointer
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
 def _check_cache(k_cache, v_cache, block_tables, cached_lens, q: torch.Tensor, Hkv: int, B: int) -> None:
@@ -244,9 +254,13 @@ def _check_cache(k_cache, v_cache, block_tables, cached_lens, q: torch.Tensor, H
             or block_tables.stride(1) != 1):
         raise ValueError(f"block_tables must be [B={B}, max_blocks] int32 with unit column stride, "
                          f"got {tuple(block_tables.shape)} {block_tables.dtype}")
-    if cached_lens.shape != (B,) or cached_lens.dtype != torch.int32:
-        raise ValueError(f"cached_lens must be [B={B}] int32, got {tuple(cached_lens.shape)} "
-                         f"{cached_lens.dtype}")
+    if cached_lens.shape != (B,) or cached_lens.dtype != torch.int32 or cached_lens.stride(0) != 1:
+        raise ValueError(f"cached_lens must be a contiguous [B={B}] int32 tensor, got "
+                         f"{tuple(cached_lens.shape)} {cached_lens.dtype} strides {cached_lens.stride()}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("cached_lens", cached_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
 def _resolve_max_seqlen(cu_seqlens: torch.Tensor, max_seqlen: int | None) -> int:
@@ -288,9 +302,7 @@ def _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None, 
     group = Hq // Hkv
     hpp = _heads_per_prog(group, block_m)
     chunks = Hq // hpp
-    if B * chunks > _MAX_GRID_Y:
-        raise ValueError(f"B * Hq / heads_per_prog = {B * chunks} programs exceeds the grid limit "
-                         f"{_MAX_GRID_Y}")
+    _check_grid_y(B * chunks, "B * Hq / heads_per_prog")
     if T == 0 or B == 0 or max_seqlen == 0:
         return (out, lse) if return_lse else out
     if not paged:  # the prefix loop is compiled out; these only fill the pointer slots
@@ -496,6 +508,17 @@ def _preprocess_block(tile_dim: int) -> int:
     return 4096 // tile_dim
 
 
+def _check_backward_grid(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
+    """The backward's query heads per program; raises if its grids pass CUDA's y limit. Its tiles are
+    half the forward's height, so it stacks fewer heads (GQA 16: 8 instead of 16) and can need twice
+    the forward's programs in y: checked before the forward runs, not first at backward time."""
+    B, Hq, Hkv = cu_seqlens.numel() - 1, q.shape[1], k.shape[1]
+    hpp = _heads_per_prog(Hq // Hkv, _bwd_params(_tile_dim(q.shape[-1]), q.dtype)[0])
+    _check_grid_y(B * Hkv, "backward B * Hkv")
+    _check_grid_y(B * (Hq // hpp), "backward B * Hq / heads_per_prog")
+    return hpp
+
+
 def _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     """dQ, dK, dV of the (causal) no-cache form, given the forward's ``out`` and natural-log
     ``lse [T, Hq]``."""
@@ -516,7 +539,7 @@ def _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, max_s
         HEAD_DIM=tile_dim, BLOCK_R=rows, num_warps=4)
     block_m, block_n, num_warps, num_stages = _bwd_params(tile_dim, q.dtype)
     group = Hq // Hkv
-    hpp = _heads_per_prog(group, block_m)
+    hpp = _check_backward_grid(q, k, cu_seqlens)
     precision = _dot_precision(q.dtype)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), lse.stride(0))
@@ -537,6 +560,8 @@ class _VarlenAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        _check_qkv(q, k, v, cu_seqlens)
+        _check_backward_grid(q, k, cu_seqlens)
         max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         out, lse = _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, return_lse=True)

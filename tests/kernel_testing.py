@@ -94,3 +94,56 @@ def sm90_ptx(module: str, *names: str) -> dict[str, str]:
                           env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+# Front end only (AST -> TTIR after Triton's canonicalisation), no PTX: a fraction of a second a kernel.
+_TTIR_USES = r"""
+import importlib, json, re, sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+wanted = json.loads(sys.argv[2])
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+report = {}
+for spec in importlib.import_module(sys.argv[1]).aot_specs():
+    if spec.name not in wanted:
+        continue
+    names = list(spec.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options),
+                         backend.get_module_map(), context)
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    lines = [line.strip() for line in str(stages["ttir"](module, {"target": target})).splitlines()
+             if "tt.func" not in line]
+    report[spec.name] = {arg: [line for line in lines if re.search(rf"%{arg}(?!\w)", line)]
+                         for arg in wanted[spec.name]}
+print(json.dumps(report))
+"""
+
+
+def assert_int64_offsets(module: str, args_by_spec: dict[str, tuple[str, ...]]) -> None:
+    """Each named i32 argument (a stride or size multiplied by a token, block or slot index) of each
+    named ``aot_specs()`` configuration is only ever sign-extended to i64 in the kernel's TTIR, so every
+    product it enters is formed in 64 bits. A stride used in a 32-bit product wraps past 2**31 elements
+    (a 100+ GiB cache, a long packed batch), which only a GPU with that much memory could show at run
+    time. Compiled in a subprocess without the interpreter (``@triton.jit`` bodies are needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _TTIR_USES, module, json.dumps(args_by_spec)],
+                          check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert set(report) == set(args_by_spec), f"configurations not found: {set(args_by_spec) - set(report)}"
+    for name, uses_by_arg in report.items():
+        for arg, uses in uses_by_arg.items():
+            assert uses, f"{name}: argument {arg} is never used"
+            narrow = [u for u in uses if not re.search(rf"= arith\.extsi %{arg} : i32 to i64", u)]
+            assert not narrow, f"{name}: {arg} enters 32-bit arithmetic: {narrow}"

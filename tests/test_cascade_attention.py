@@ -5,7 +5,7 @@ import torch
 
 from arkfast.kernels.cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
 from arkfast.kernels.decode_attention import decode_attention, paged_decode_attention, plan_decode
-from kernel_testing import assert_close, assert_compiles_sm90, poison_like
+from kernel_testing import assert_close, assert_compiles_sm90, assert_int64_offsets, poison_like
 
 
 def make_forest(groups, *, num_kv_heads, head_dim, block_size, dtype, seed, spare_blocks=2):
@@ -146,3 +146,11 @@ def test_compiles_for_sm90():
     records = assert_compiles_sm90("arkfast.kernels.cascade_attention")
     by_name = {r["name"]: r for r in records}
     assert by_name["paged_partial_bf16_d128_rows64"]["wgmma"]   # the prefix tile runs on tensor cores
+
+
+def test_offsets_are_int64():
+    """Slot x slot stride (a 100+ GiB cache), sequence x q batch stride, table row x table width and
+    partial slot x heads are formed in 64 bits."""
+    assert_int64_offsets("arkfast.kernels.cascade_attention", {
+        name: ("stride_slot", "stride_qb", "stride_table", "num_q_heads")
+        for name in ("paged_partial_bf16_d128_rows64", "paged_partial_fp32_d16_rows16")})

@@ -121,6 +121,22 @@ def test_empty_sequence_gives_zeros_not_nan(triton_interp):
         assert_close(got[1], dense_attention(q[1:], keys[1:], values[1:])[0][0])
 
 
+def test_no_plan_never_reads_past_a_table_row(triton_interp):
+    """Without a plan seq_lens is not read back to be checked: an entry past the table's capacity
+    (W x block_size) counts as that capacity, so the kernel stays inside each row, even one of width 0."""
+    k_cache, v_cache, tables, _, keys, values = make_paged(
+        [16, 5], num_kv_heads=1, head_dim=32, block_size=16, dtype=torch.float32, seed=6)
+    narrow = tables[:, :1].contiguous()                                   # [2, 1]: 16 tokens a row
+    q = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(7))
+    got = paged_decode_attention(q, k_cache, v_cache, narrow, torch.tensor([40, 5], dtype=torch.int32),
+                                 out=poison_like(q))
+    assert_close(got, dense_attention(q, keys, values)[0])
+    got, lse = paged_decode_attention(q, k_cache, v_cache, torch.empty(2, 0, dtype=torch.int32),
+                                      torch.tensor([3, 0], dtype=torch.int32), out=poison_like(q),
+                                      return_lse=True)
+    assert torch.equal(got, torch.zeros_like(q)) and torch.isneginf(lse).all()
+
+
 def test_cpu_dispatch_runs_the_reference():
     k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
         [7, 40], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, seed=4)

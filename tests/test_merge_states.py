@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from arkfast.kernels.merge_states import merge_state, merge_states, merge_states_reference
-from kernel_testing import assert_close, assert_compiles_sm90, poison_like
+from arkfast.kernels.merge_states import merge_partials, merge_state, merge_states, merge_states_reference
+from kernel_testing import assert_close, assert_compiles_sm90, assert_int64_offsets, poison_like
 
 
 def _attention_state(q, k, v, scale):
@@ -91,7 +91,19 @@ def test_bad_inputs_raise():
         merge_states(torch.zeros(1, 2, 1, 16, dtype=torch.int32), torch.zeros(1, 2, 1))
     with pytest.raises(ValueError, match="out must be"):
         merge_states(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1), out=torch.zeros(1, 1, 8))
+    part_o, part_lse, out, lse = torch.zeros(4, 2, 16), torch.zeros(4, 2), torch.empty(2, 2, 16), torch.empty(2, 2)
+    with pytest.raises(ValueError, match="part_ptr must be a contiguous"):   # read at part_ptr_ptr + n
+        merge_partials(part_o, part_lse, torch.tensor([0, 9, 2, 9, 4], dtype=torch.int32)[::2], out, lse)
+    with pytest.raises(ValueError, match="part_ptr is on meta"):            # a pointer of another device
+        merge_partials(part_o, part_lse, torch.zeros(3, dtype=torch.int32, device="meta"), out, lse)
 
 
 def test_compiles_for_sm90():
     assert_compiles_sm90("arkfast.kernels.merge_states")
+
+
+def test_offsets_are_int64():
+    """Row x out row stride is formed in 64 bits (num_heads, which also enters the head mask, is
+    multiplied by an int64 slot index: read in the kernel)."""
+    assert_int64_offsets("arkfast.kernels.merge_states", {
+        name: ("stride_on",) for name in ("merge_partials_d128_bf16", "merge_partials_d16_fp32")})

@@ -1,4 +1,5 @@
 """Paged KV cache: allocation layout, the write kernel against its reference, the gather reference."""
+
 import pytest
 import torch
 
@@ -84,7 +85,8 @@ def test_write_kv_cache_cpu_default_runs_reference():
 @pytest.mark.parametrize("bad, err, match", [
     ("slot_dtype", ValueError, "slot_mapping"), ("last_stride", ValueError, "last-dim"),
     ("cache_dtype", TypeError, "dtype"), ("cache_heads", ValueError, "Hkv"),
-    ("v_shape", ValueError, "v shape")])
+    ("v_shape", ValueError, "v shape"), ("slot_stride", ValueError, "contiguous"),
+    ("slot_device", ValueError, "slot_mapping is on meta")])
 def test_write_kv_cache_rejects(triton_interp, bad, err, match):
     k_cache, v_cache = allocate_kv_cache(1, 2, 16, 2, 64, torch.float32, "cpu")[0]
     k, v, slots = torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.arange(3)
@@ -98,6 +100,10 @@ def test_write_kv_cache_rejects(triton_interp, bad, err, match):
         k_cache = torch.zeros(2, 16, 4, 64)
     elif bad == "v_shape":
         v = torch.randn(3, 1, 64)
+    elif bad == "slot_stride":  # the kernel reads slot t at slot_ptr + t
+        slots = torch.arange(6)[::2]
+    elif bad == "slot_device":  # a host slot_mapping next to device caches: the kernel would read a host pointer
+        slots = torch.arange(3, device="meta")
     with pytest.raises(err, match=match):
         write_kv_cache(k, v, k_cache, v_cache, slots)
 
@@ -118,3 +124,11 @@ def test_gather_kv_reference():
 def test_aot_compiles_sm90():
     records = kernel_testing.assert_compiles_sm90("arkfast.kernels.paged_kv")
     assert all(r["vector_loads"] for r in records)
+
+
+def test_offsets_are_int64():
+    # token * token stride (fused-qkv views of a long prefill) and slot * slot stride (131072 blocks of
+    # 16 x 8 x 128 pass 2**31 elements).
+    kernel_testing.assert_int64_offsets("arkfast.kernels.paged_kv", {
+        f"write_kv_cache_{t}_d{d}": ("stride_kt", "stride_vt", "stride_cs") for t in ("fp32", "bf16")
+        for d in (16, 128)})

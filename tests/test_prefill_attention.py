@@ -193,6 +193,17 @@ def test_dispatch_falls_back_to_reference(triton_interp):
         _prefill_attention_triton(q, k, v, cu, causal=False)
 
 
+def test_backward_grid_is_checked_before_the_forward(triton_interp):
+    """CUDA caps grid y at 65535 programs (the interpreter does not). The backward stacks half as many
+    query heads a tile as the forward (fp32, GQA 8: 4 instead of 8), so 32768 sequences fit the forward
+    but not the backward: refused up front, not by a failed launch at backward time."""
+    cu = torch.zeros(32769, dtype=torch.int32)
+    cu[-1] = 1                                     # one token in the last sequence, the rest empty
+    q, k, v = _qkv([1], 8, 1, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"backward B \* Hq / heads_per_prog = 65536"):
+        varlen_attention(q.requires_grad_(), k, v, cu, max_seqlen=1)
+
+
 def test_cpu_default_runs_reference():
     q, k, v = _qkv([7, 3], 4, 2, 64, torch.float32, seed=2)
     cu = _cu([7, 3])
@@ -203,7 +214,9 @@ def test_cpu_default_runs_reference():
     ("heads", ValueError, "multiple of KV heads"), ("dtype", TypeError, "dtype"),
     ("cu_dtype", ValueError, "cu_seqlens"), ("stride", ValueError, "last-dim"),
     ("out", ValueError, "out must be"), ("block_size", ValueError, "block_size"),
-    ("tables", ValueError, "block_tables"), ("partial_cache", ValueError, "all of")])
+    ("tables", ValueError, "block_tables"), ("partial_cache", ValueError, "all of"),
+    ("cu_stride", ValueError, "contiguous"), ("cu_device", ValueError, "cu_seqlens is on meta"),
+    ("tables_device", ValueError, "block_tables is on meta")])
 def test_rejects_bad_inputs(triton_interp, bad, err, match):
     q, k, v = _qkv([4], 4, 2, 64, torch.float32, seed=0)
     cu, out = _cu([4]), None
@@ -223,6 +236,12 @@ def test_rejects_bad_inputs(triton_interp, bad, err, match):
         k_cache, v_cache = torch.zeros(2, 24, 2, 64), torch.zeros(2, 24, 2, 64)
     elif bad == "tables":
         tables = tables.long()
+    elif bad == "cu_stride":  # the kernels read cu_seqlens[b] at cu_seqlens_ptr + b
+        cu = torch.tensor([0, 9, 4, 9], dtype=torch.int32)[::2]
+    elif bad == "cu_device":  # an index tensor on another device than q: the kernel reads a foreign pointer
+        cu = cu.to("meta")
+    elif bad == "tables_device":
+        tables = tables.to("meta")
     elif bad == "partial_cache":
         with pytest.raises(err, match=match):
             prefill_attention(q, k, v, cu, k_cache, v_cache)
@@ -238,3 +257,16 @@ def test_aot_compiles_sm90():
         assert r["vector_loads"], r["name"]
         if "preprocess" not in r["name"]:
             assert r["wgmma"], r["name"]  # every 16-bit attention config runs on Hopper tensor cores
+
+
+def test_offsets_are_int64():
+    """Every token index (a long packed batch), cache block id and table row meets its stride in 64
+    bits, in the forward (both forms) and every backward kernel."""
+    tokens = ("stride_qt", "stride_kt", "stride_vt")
+    kernel_testing.assert_int64_offsets("arkfast.kernels.prefill_attention", {
+        "prefill_fwd_bf16_d64": (*tokens, "stride_ot", "stride_lt"),
+        "prefill_fwd_paged_fp16_d128": (*tokens, "stride_ot", "stride_lt", "stride_cb", "stride_bt"),
+        "prefill_bwd_preprocess_bf16_d128": ("stride_ot", "stride_dt"),
+        "prefill_bwd_dkdv_bf16_d64": (*tokens, "stride_dt", "stride_lt", "stride_dkt", "stride_dvt"),
+        "prefill_bwd_dq_fp16_d128": (*tokens, "stride_dt", "stride_lt", "stride_dqt"),
+    })
