@@ -5,19 +5,12 @@ configuration a launcher can choose is also compiled here for ``GPUTarget("cuda"
 gives the PTX (to read for ``wgmma`` and vector loads), the cubin and the block's shared-memory use.
 
 Each kernel module lists its configurations in a function ``aot_specs() -> list[KernelSpec]``.
-``python -m arkfast.kernels._aot MODULE [MODULE ...]`` compiles them all and prints one JSON line per
-configuration; the tests run it in a subprocess without ``TRITON_INTERPRET`` (under the interpreter
-``@triton.jit`` returns objects the compiler cannot take).
+``python -m arkfast.kernels [MODULE ...]`` (``kernels/__main__.py``) compiles them all and prints one
+JSON line per configuration; the tests run it in a subprocess without ``TRITON_INTERPRET`` (under the
+interpreter ``@triton.jit`` returns objects the compiler cannot take).
 """
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
-import importlib
-import json
-import os
-import pathlib
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -76,52 +69,3 @@ def compile_sm90(spec: KernelSpec) -> CompiledKernel:
         ptx=compiled.asm["ptx"],
         seconds=time.perf_counter() - start,
     )
-
-
-def _compile_one(job: tuple[str, int, str | None]) -> dict:
-    """Compile configuration ``index`` of ``module_name`` (run in a worker process)."""
-    module_name, index, ptx_dir = job
-    spec = importlib.import_module(module_name).aot_specs()[index]
-    record = {"module": module_name, "name": spec.name}
-    try:
-        out = compile_sm90(spec)
-    except Exception as exc:  # noqa: BLE001  (report every failing configuration, not just the first)
-        return {**record, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    if ptx_dir:
-        path = pathlib.Path(ptx_dir) / f"{spec.name}.ptx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(out.ptx)
-    return {**record, "ok": True, "shared_bytes": out.shared_bytes, "seconds": round(out.seconds, 3),
-            "wgmma": "wgmma" in out.ptx,
-            "vector_loads": "ld.global.v4" in out.ptx or "ld.global.nc.v4" in out.ptx}
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="+", help="kernel modules, e.g. arkfast.kernels.rms_norm")
-    parser.add_argument("--ptx-dir", default=None, help="also write each configuration's PTX here")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="configurations compiled in parallel (default: the CPU count)")
-    args = parser.parse_args(argv)
-    jobs = [(name, i, args.ptx_dir) for name in args.modules
-            for i in range(len(importlib.import_module(name).aot_specs()))]
-    if args.jobs > 1 and len(jobs) > 1:
-        # Compilation is single-threaded inside Triton; separate processes use every core.
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            records = pool.map(_compile_one, jobs)
-            failed = _print_records(records)
-    else:
-        failed = _print_records(map(_compile_one, jobs))
-    return 1 if failed else 0
-
-
-def _print_records(records) -> int:
-    failed = 0
-    for record in records:
-        failed += not record["ok"]
-        print(json.dumps(record), flush=True)
-    return failed
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

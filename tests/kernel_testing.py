@@ -52,7 +52,7 @@ def compile_sm90(*modules: str) -> list[dict]:
     """Compile every configuration listed by ``aot_specs()`` of ``modules`` for sm_90, in a subprocess
     without the interpreter; returns one record per configuration."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "arkfast.kernels._aot", *modules],
+    proc = subprocess.run([sys.executable, "-m", "arkfast.kernels", *modules],
                           capture_output=True, text=True, env=env, timeout=1800)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not records:
