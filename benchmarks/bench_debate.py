@@ -23,7 +23,6 @@ Records go to ``benchmarks/results/debate.jsonl``.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -218,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "prefix_cache_hit_rate", "cascade_steps", "decode_batch", "decode_step_ms",
                                        "decode_p20_ms", "decode_p80_ms", "bound_ms", "pct_of_bound"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("debate", row, device=args.device)
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("debate", rows, device=args.device)
 
 
 def _free(device: torch.device) -> None:

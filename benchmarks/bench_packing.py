@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_table(rows, columns=["dist", "n", "impl", "median_ms", "p20_ms", "p80_ms", "reps",
                                        "speedup", "ns_per_item", "bins", "efficiency", "bound_ratio"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("packing", row, device="cpu")
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("packing", rows, device="cpu")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -214,9 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "tflops", "pct_mm",
                                        "max_abs_err"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("prefill_attention", row, device=args.device)
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("prefill_attention", rows, device=args.device)
 
 
 if __name__ == "__main__":

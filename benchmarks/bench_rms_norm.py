@@ -16,7 +16,6 @@ output is checked against the reference before it is timed. Results go to
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -56,13 +55,10 @@ def run_case(T: int, H: int, residual: bool, args: argparse.Namespace, copy_gbps
             max_err = (got.float() - expected.float()).abs().max().item()  # once, outside the timing
             stats = harness.measure(lambda fn=fn: fn(x, weight, EPS, res), warmup=args.warmup, reps=args.reps,
                                     device=args.device)
-        gbps = nbytes / stats.median_ms / 1e6
         rows.append({
             "op": "rms_norm", "provider": name, "T": T, "H": H,
             "dtype": str(args.dtype).removeprefix("torch."), "residual": residual, **stats.as_dict(),
-            "gbps": gbps,
-            "pct_copy": None if copy_gbps is None else 100 * gbps / copy_gbps,
-            "copy_gbps": copy_gbps, "max_abs_err": max_err,
+            **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
         })
     return rows
 
@@ -89,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_table(rows, columns=["provider", "T", "H", "dtype", "residual", "median_ms", "p20_ms",
                                        "p80_ms", "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("rms_norm", row, device=args.device)
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("rms_norm", rows, device=args.device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ reference before it is timed. Results go to ``benchmarks/results/rope.jsonl``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -63,12 +62,10 @@ def run_case(T: int, n_q: int, n_kv: int, D: int, args: argparse.Namespace,
                           (got_k.float() - exp_k.float()).abs().max().item())
             stats = harness.measure(lambda fn=fn: fn(q, k, positions, inv_freq, scale), warmup=args.warmup,
                                     reps=args.reps, device=args.device)
-        gbps = nbytes / stats.median_ms / 1e6
         rows.append({
             "op": "rope", "provider": name, "T": T, "Hq": n_q, "Hkv": n_kv, "D": D,
-            "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(), "gbps": gbps,
-            "pct_copy": None if copy_gbps is None else 100 * gbps / copy_gbps,
-            "copy_gbps": copy_gbps, "max_abs_err": max_err,
+            "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(),
+            **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
         })
     return rows
 
@@ -97,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_table(rows, columns=["provider", "T", "Hq", "Hkv", "D", "dtype", "median_ms", "p20_ms",
                                        "p80_ms", "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("rope", row, device=args.device)
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("rope", rows, device=args.device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ checked against the reference before it is timed. Results go to ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -66,12 +65,10 @@ def run_case(T: int, I: int, args: argparse.Namespace, copy_gbps: float | None) 
                     fn(leaf).backward(grad_out)
                 max_err = None
             stats = harness.measure(step, warmup=args.warmup, reps=args.reps, device=args.device)
-            gbps = nbytes / stats.median_ms / 1e6
             rows.append({
                 "op": "swiglu", "provider": name, "pass": pass_name, "T": T, "I": I,
-                "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(), "gbps": gbps,
-                "pct_copy": None if copy_gbps is None else 100 * gbps / copy_gbps,
-                "copy_gbps": copy_gbps, "max_abs_err": max_err,
+                "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(),
+                **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
             })
     return rows
 
@@ -97,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_table(rows, columns=["provider", "pass", "T", "I", "dtype", "median_ms", "p20_ms", "p80_ms",
                                        "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
     if args.save:
-        for row in rows:
-            path = harness.append_result("swiglu", row, device=args.device)
-        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+        harness.save_rows("swiglu", rows, device=args.device)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,25 @@ def append_result(bench_name: str, record: dict[str, Any], *, device: torch.devi
     return path
 
 
+def save_rows(bench_name: str, rows: Sequence[dict[str, Any]], *,
+              device: torch.device | str | None = None) -> Path | None:
+    """:func:`append_result` for every row, then one line on stderr saying where they went."""
+    path = None
+    for row in rows:
+        path = append_result(bench_name, row, device=device)
+    if path is not None:
+        print(f"appended {len(rows)} records to {path}", file=sys.stderr)
+    return path
+
+
+def bandwidth_fields(nbytes: float, median_ms: float, copy_gbps: float | None) -> dict[str, Any]:
+    """``gbps`` achieved moving ``nbytes`` in ``median_ms``, and ``pct_copy``: that over the measured
+    device-to-device copy bandwidth (the roofline of a memory-bound op; None when not measured)."""
+    gbps = nbytes / median_ms / 1e6
+    return {"gbps": gbps, "pct_copy": None if copy_gbps is None else 100 * gbps / copy_gbps,
+            "copy_gbps": copy_gbps}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
