@@ -25,6 +25,29 @@ __all__ = ["build_parser", "default_model_path", "main", "read_records"]
 SUMMARY_EVERY_S = 10.0
 
 
+def _number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+            what: str = ""):
+    """An argparse ``type`` parsing ``kind`` and checking ``low <= x`` (``low < x`` with ``low_open``)
+    and ``x <= high``; a bad value becomes argparse's one-line usage error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_POSITIVE = _number(int, low=1, what="an integer >= 1")
+_NON_NEGATIVE = _number(int, low=0, what="an integer >= 0")
+_TEMPERATURE = _number(float, low=0.0, what="a number >= 0")
+_PROBABILITY = _number(float, low=0.0, low_open=True, high=1.0, what="a number in (0, 1]")
+_TOP_K = _number(int, low=-1, what="an integer >= -1 (-1 or 0: off)")
+
+
 def default_model_path() -> Path:
     """The embedded tiny model, ``arkfast/zoo/tiny`` (must hold a ``config.json``)."""
     path = Path(__file__).resolve().parent / "zoo" / "tiny"
@@ -54,29 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--answer-field", metavar="NAME", default=None, help="field holding the gold answer (generic adapter)")
     g.add_argument("--split", default=None,
                    help="hub or arith split (default: test); a local file is one split and ignores it")
-    g.add_argument("--limit", type=int, metavar="N", default=None, help="use only the first N problems (default: all)")
+    g.add_argument("--limit", type=_NON_NEGATIVE, metavar="N", default=None,
+                   help="use only the first N problems (default: all)")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default="debate",
                    help="single: one agent; self-consistency: N samples and a majority vote; "
                         "debate: N agents x R rounds, final answer by majority vote of the last round "
                         "(default: %(default)s)")
-    g.add_argument("--agents", type=int, metavar="N", default=5, help="agents (samples); ignored by single (default: %(default)s)")
-    g.add_argument("--rounds", type=int, metavar="R", default=2, help="debate rounds; only debate uses more than 1 (default: %(default)s)")
+    g.add_argument("--agents", type=_POSITIVE, metavar="N", default=5,
+                   help="agents (samples); ignored by single (default: %(default)s)")
+    g.add_argument("--rounds", type=_POSITIVE, metavar="R", default=2,
+                   help="debate rounds; only debate uses more than 1 (default: %(default)s)")
     g.add_argument("--aggregator", action="store_true",
-                   help="one more call reads all final solutions and gives the final answer")
+                   help="one more call reads all final solutions and gives the final answer; not with "
+                        "--protocol single (default: off, the final answer is the last round's vote)")
     g.add_argument("--layout", choices=LAYOUTS, default="shared",
                    help="shared: one transcript per round shared by all agents (prefix-cache friendly) "
                         "+ a per-agent suffix; classic: each agent's own LLM-Debate conversation "
                         "(default: %(default)s)")
-    g.add_argument("--max-active-problems", type=int, metavar="N", default=None,
-                   help="problems in flight at once (default: all)")
+    g.add_argument("--max-active-problems", type=_POSITIVE, metavar="N", default=None,
+                   help="problems in flight at once (default: enough to fill the engine's batch twice, "
+                        "2 x max-num-seqs / agents; fewer means records are written sooner)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, metavar="T", default=0.5, help="sampling temperature, 0 is greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling threshold (default: %(default)s)")
-    g.add_argument("--top-k", type=int, metavar="K", default=-1, help="sample from the k most likely tokens, -1: off (default: %(default)s)")
-    g.add_argument("--max-tokens", type=int, metavar="N", default=None,
+    g.add_argument("--temperature", type=_TEMPERATURE, metavar="T", default=0.5,
+                   help="sampling temperature, 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=_PROBABILITY, metavar="P", default=1.0,
+                   help="nucleus sampling threshold (default: %(default)s)")
+    g.add_argument("--top-k", type=_TOP_K, metavar="K", default=-1,
+                   help="sample from the k most likely tokens, -1: off (default: %(default)s)")
+    g.add_argument("--max-tokens", type=_POSITIVE, metavar="N", default=None,
                    help="tokens per completion (default: the task's: 96 for arith, 512 for gsm8k/choice/"
                         "generic, 1024 for math)")
     g.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the engine and of every request's sampling (default: %(default)s)")
@@ -85,28 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on a GPU, "
                                                   "else float32)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if present)")
-    g.add_argument("--block-size", type=int, metavar="N", default=None, help="KV-cache block size (default: engine's, 16)")
-    g.add_argument("--num-kv-blocks", type=int, metavar="N", default=None,
+    g.add_argument("--block-size", type=_POSITIVE, metavar="N", default=None,
+                   help="KV-cache block size, a power of two >= 16 (default: engine's, 16)")
+    g.add_argument("--num-kv-blocks", type=_POSITIVE, metavar="N", default=None,
                    help="KV-cache blocks (default: sized from memory by the engine)")
-    g.add_argument("--max-num-seqs", type=int, metavar="N", default=None, help="sequences in flight (default: engine's, 256)")
-    g.add_argument("--max-model-len", type=int, metavar="N", default=None,
+    g.add_argument("--max-num-seqs", type=_POSITIVE, metavar="N", default=None,
+                   help="sequences in flight (default: engine's, 256)")
+    g.add_argument("--max-model-len", type=_POSITIVE, metavar="N", default=None,
                    help="longest prompt + completion (default: the model's)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    g.add_argument("--max-num-batched-tokens", type=_POSITIVE, metavar="N", default=None,
+                   help="tokens one engine step computes, the chunked-prefill budget "
+                        "(default: engine's, 4096)")
+    g.add_argument("--gpu-memory-utilization", type=_PROBABILITY, metavar="F", default=None,
+                   help="share of the GPU's memory the engine may fill, KV cache included "
+                        "(default: engine's, 0.9)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (default: off)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (default: on)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="DIR", default=None,
                    help="run folder (default: runs/<protocol>-<timestamp>/ under the working directory)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output: skip problems already in its debates.jsonl")
+                   help="continue the run in --output: skip problems already in its debates.jsonl; the "
+                        "protocol, dataset and sampling flags must match the run's (default: off)")
     return p
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options the flags set (the rest stay at the engine's defaults)."""
-    options = {name: getattr(args, name) for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_model_len")
-               if getattr(args, name) is not None}
+    names = ("block_size", "num_kv_blocks", "max_num_seqs", "max_model_len", "max_num_batched_tokens",
+             "gpu_memory_utilization")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     return options
 
 
@@ -159,7 +204,8 @@ def _check_resume_config(out: Path, config: dict[str, Any]) -> None:
     if not path.exists():
         return
     previous = json.loads(path.read_text()).get("config", {})
-    keys = ("protocol", "agents", "rounds", "layout", "aggregator", "task", "dataset")
+    keys = ("protocol", "agents", "rounds", "layout", "aggregator", "task", "dataset", "split", "temperature",
+            "top_p", "top_k", "max_tokens", "seed")
     diff = [k for k in keys if k in previous and previous[k] != config.get(k)]
     if diff:
         k = diff[0]
@@ -181,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    limit=args.limit)
     debate = DebateConfig(protocol=args.protocol, agents=args.agents, rounds=args.rounds, layout=args.layout,
                           aggregator=args.aggregator, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, max_tokens=args.max_tokens or task.default_max_tokens,
+                          top_k=args.top_k,
+                          max_tokens=task.default_max_tokens if args.max_tokens is None else args.max_tokens,
                           seed=args.seed)
     options = engine_options(args)
     config = {**debate.to_dict(), "task": task.name, "dataset": args.dataset or "arith",
@@ -241,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:  # also on an interrupt: the summary covers what was written
         bar.close()
         summary = write_summary(finished=finished)
+        if not finished:
+            print(f"stopped after {len(records)} of {len(records) + len(todo) - run['problems']} problems; "
+                  f"continue with the same flags and --output {out} --resume", file=sys.stderr)
     print(format_summary(summary))
     print(f"wrote {debates_path} and {out / 'summary.json'}")
     return summary
@@ -252,3 +302,5 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # main() has said how to resume
+        sys.exit(130)

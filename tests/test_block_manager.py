@@ -195,6 +195,24 @@ def test_prefix_caching_off_never_hits():
     assert not set(a.block_table) & set(b.block_table) and bm.num_hit_tokens == 0
 
 
+def test_prefix_index_stays_as_small_as_the_cache():
+    """Evicted blocks leave no trace in the index of partial-block candidates: after thousands of
+    distinct prompts through 8 blocks it holds at most 8 blocks, under their current parents."""
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(8, BS)
+    for i in range(2000):
+        seq = make_seq([rng.randrange(300) for _ in range(50)], f"s{i}")
+        admit(bm, seq)
+        bm.take_copies()
+        bm.free(seq)
+    assert all(bm._children.values()), "empty entries left behind"
+    indexed = [(parent, b) for parent, ids in bm._children.items() for b in ids]
+    assert len(indexed) <= 8 and all(bm.blocks[b].parent_hash == parent for parent, b in indexed)
+    assert len(bm._cached) <= 8
+
+
 def test_allocation_beyond_capacity_raises():
     bm = BlockManager(2, BS)
     seq = make_seq(list(range(3 * BS)))
@@ -268,6 +286,7 @@ def test_scheduler_and_block_manager_keep_the_cache_consistent(seed, num_blocks,
         assert all(bm.blocks[b].ref_count == holders.get(b, 0) for b in range(num_blocks))
         assert all(holders.get(b, 0) == 0 for b in bm._free)
         assert len(bm._free) + len(holders) == num_blocks
+        assert all(bm._children.values()) and sum(map(len, bm._children.values())) <= num_blocks
         assert step < 5000
     assert len(finished) == 24
     assert (sched.num_preemptions > 0) == (num_blocks < 20)

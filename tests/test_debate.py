@@ -13,6 +13,7 @@ import pytest
 from arkfast.debate import (
     DebateConfig,
     PromptBuilder,
+    default_active_problems,
     format_summary,
     majority_vote,
     render_chat,
@@ -181,6 +182,12 @@ def test_config_validation():
         DebateConfig(agents=0)
     with pytest.raises(ValueError, match="aggregator"):
         DebateConfig(protocol="single", aggregator=True)
+    # Sampling settings fail here, before a run starts (not as one error record per problem).
+    for kwargs, message in [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                            ({"top_p": 1.5}, "top_p"), ({"top_k": -5}, "top_k"),
+                            ({"temperature": float("nan")}, "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            DebateConfig(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +314,43 @@ def test_max_active_problems_bounds_the_problems_in_flight(tokenizer):
     records.extend(run_debates(llm, ArithTask(), problems, DebateConfig(agents=2, rounds=2),
                                max_active_problems=2))
     assert len(records) == 5
+
+
+class FifoLLM(FakeLLM):
+    """A first-come-first-served engine double: each step advances only the ``max_num_seqs`` oldest
+    requests, like the engine's waiting queue when more requests are queued than fit in a batch."""
+
+    def __init__(self, tokenizer, respond, max_num_seqs):
+        super().__init__(tokenizer, respond, steps=lambda text: 2)
+        self.config = types.SimpleNamespace(max_num_seqs=max_num_seqs)
+
+    def step(self):
+        self.step_no += 1
+        finished = []
+        for rid in list(self.running)[:self.config.max_num_seqs]:
+            entry = self.running[rid]
+            entry[0] -= 1
+            if entry[0] <= 0:
+                finished.append(entry[1])
+                del self.running[rid]
+                self.log.append((self.step_no, "finish", rid))
+        return finished
+
+
+def test_records_come_out_steadily_behind_a_fifo_engine(tokenizer):
+    """By default the driver starts only enough problems to fill the engine's batch twice, so a
+    problem's second round does not queue behind every other problem's first round: records (and
+    the run's saved progress) come out from early on, not all at the end."""
+    problems = arith_problems("test", 24)
+    config = DebateConfig(agents=2, rounds=2)
+    llm = FifoLLM(tokenizer, arith_agent(problems), max_num_seqs=4)
+    assert default_active_problems(llm, config) == 4
+    assert default_active_problems(FakeLLM(tokenizer, arith_agent(problems)), config) is None
+    done_at = [llm.step_no for _ in run_debates(llm, ArithTask(), problems, config)]
+    last_start = max(s for s, ev, rid in llm.log if ev == "add" and ":r0:" in rid)
+    assert len(done_at) == 24 and done_at[0] < last_start
+    assert done_at[len(done_at) // 2] < 0.7 * done_at[-1]  # half the records well before the end
+    assert sum(1 for _, ev, _ in llm.log if ev == "add") == 24 * 2 * 2
 
 
 def test_summary_numbers():

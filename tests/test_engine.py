@@ -104,6 +104,11 @@ def test_small_kv_cache_preempts_and_keeps_outputs(checkpoints):
     assert token_ids(llm.generate(prompts, params)) == expected
     assert llm.stats["preemptions"] > 0
     assert all(len(ids) == 24 for ids in expected)
+    # The smallest cache allowed (one longest sequence plus a block for a copy) and 3-token prefill
+    # chunks: no livelock, every sequence finishes with the same tokens.
+    tight = LLM(path, num_kv_blocks=5, max_model_len=64, max_num_batched_tokens=3)
+    assert token_ids(tight.generate(prompts[:4], params)) == expected[:4]
+    assert tight.stats["preemptions"] > 0
     # Too few blocks for even one sequence of max_model_len tokens is refused up front.
     with pytest.raises(ValueError, match="max_model_len=128"):
         LLM(path, num_kv_blocks=4, max_model_len=128)
@@ -204,6 +209,11 @@ def test_validation_errors(checkpoints):
         LLM(path, cascade="maybe")
     with pytest.raises(ValueError, match="max_model_len=100 exceeds the 64"):
         LLM(path, max_model_len=100)
+    with pytest.raises(ValueError, match="device must be .* got 'gpu0'"):
+        LLM(path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda:1' was asked for, but CUDA is not available"):
+            LLM(path, device="cuda:1")
     llm = LLM(path)
     too_long = random_ids(65, seed=80)
     with pytest.raises(ValueError, match="65 tokens long.*64 tokens"):
@@ -217,9 +227,40 @@ def test_validation_errors(checkpoints):
         llm.add_request([1, VOCAB_SIZE], GREEDY)
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         llm.generate([[5, 6]], [GREEDY, GREEDY])
+    with pytest.raises(TypeError, match="SamplingParams or a list of them .* got dict"):
+        llm.generate([[5, 6]], {"temperature": 0.0})
     llm.add_request([5, 6], GREEDY, request_id="x")
     with pytest.raises(ValueError, match="'x' is already in flight"):
         llm.add_request([5, 6], GREEDY, request_id="x")
+
+
+def test_an_interrupted_step_leaves_the_engine_correct(checkpoints):
+    """Ctrl-C (or any exception) inside a step: the step's blocks were already listed in the prefix
+    cache but never computed. The engine must forget them, drop the interrupted call's requests, keep
+    the others, and give the same tokens as a fresh engine afterwards."""
+    path = checkpoints["llama"]
+    prompts = [random_ids(n, seed=100 + n) for n in (40, 70, 33)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = token_ids(LLM(path).generate(prompts, params))
+    for fail_at in (1, 3, 6):  # a first prefill chunk, a later chunk, a decode step
+        llm = LLM(path, max_num_batched_tokens=32)
+        background = llm.add_request(prompts[1], params, request_id="bg")
+        run, calls = llm.runner.run, []
+
+        def failing_run(batch, run=run, calls=calls, fail_at=fail_at):
+            calls.append(batch)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return run(batch)
+        llm.runner.run = failing_run
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, params)
+        assert list(llm._requests) == [background], fail_at  # the call's own requests were dropped
+        assert token_ids(llm.generate(prompts, params)) == expected, fail_at
+        finished = llm.step()  # "bg" may have finished inside generate(): then step() hands it back
+        while llm.has_unfinished_requests():
+            finished += llm.step()
+        assert [(o.request_id, o.outputs[0].token_ids) for o in finished] == [("bg", expected[1])]
 
 
 def test_triton_kernels_through_the_interpreter(checkpoints, triton_interp):

@@ -3,6 +3,7 @@ random-weight checkpoint with the real engine (greedy debates match with the pre
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,92 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, dataset, fa
     # Resuming a finished run does nothing and keeps the summary over all records.
     summary = main([*common, "--output", str(out), "--resume"])
     assert summary["problems"] == 5 and summary["run"]["problems"] == 0 and len(read_records(path)) == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--agents", "0"], "argument --agents: expected an integer >= 1, got '0'"),
+    (["--rounds", "two"], "argument --rounds: expected an integer >= 1, got 'two'"),
+    (["--temperature", "-1"], "argument --temperature: expected a number >= 0, got '-1'"),
+    (["--top-p", "0"], r"argument --top-p: expected a number in \(0, 1\], got '0'"),
+    (["--top-k", "-5"], r"argument --top-k: expected an integer >= -1 \(-1 or 0: off\), got '-5'"),
+    (["--max-tokens", "0"], "argument --max-tokens: expected an integer >= 1, got '0'"),
+    (["--max-active-problems", "0"], "argument --max-active-problems: expected an integer >= 1"),
+    (["--limit", "-1"], "argument --limit: expected an integer >= 0, got '-1'"),
+])
+def test_invalid_flag_values_are_usage_errors(tmp_path, dataset, fake_llm, capsys, flags, message):
+    """A bad value stops the run before the model loads, names the flag, and writes nothing (before,
+    --temperature -1 wrote one error record per problem and exited 0; --max-tokens 0 meant 512)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "m", "--dataset", str(dataset), "--output", str(tmp_path / "run"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert fake_llm == [] and not (tmp_path / "run").exists()
+
+
+def test_engine_flags_and_resume_settings(tmp_path, dataset, fake_llm):
+    out = tmp_path / "run"
+    common = ["--model", "m", "--dataset", str(dataset), "--agents", "2", "--rounds", "1",
+              "--output", str(out)]
+    summary = main([*common, "--limit", "2", "--max-tokens", "7", "--max-num-batched-tokens", "64",
+                    "--gpu-memory-utilization", "0.5", "--enforce-eager"])
+    assert fake_llm[0].kwargs == {"dtype": None, "device": None, "seed": 0, "max_num_batched_tokens": 64,
+                                  "gpu_memory_utilization": 0.5, "enforce_eager": True}
+    assert summary["config"]["max_tokens"] == 7
+    # Resuming with other sampling settings would mix two experiments in one file and one summary.
+    for flag, value in (("--temperature", "0.9"), ("--max-tokens", "8"), ("--seed", "1"), ("--top-k", "5")):
+        with pytest.raises(ValueError, match=f"--resume: .* was run with {flag[2:].replace('-', '_')}="):
+            main([*common, "--max-tokens", "7", flag, value, "--resume"])
+    assert main([*common, "--max-tokens", "7", "--resume"])["problems"] == 5
+
+
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, dataset, fake_llm):
+    """A real SIGKILL of a running ``generate`` (engine double, slowed down), then ``--resume``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--model", "m", "--dataset", str(dataset), "--agents", "3", "--rounds", "2"]
+    main([*common, "--output", str(tmp_path / "full")])
+    reference = by_id(read_records(tmp_path / "full" / "debates.jsonl"))
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    script = tmp_path / "slow_generate.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from transformers import AutoTokenizer
+import arkfast
+from arkfast.generate import main
+from test_debate import FakeLLM
+tokenizer = AutoTokenizer.from_pretrained({str(tok)!r})
+step = FakeLLM.step
+FakeLLM.step = lambda self: (time.sleep(0.05), step(self))[1]
+arkfast.LLM = lambda model, **kwargs: FakeLLM(
+    tokenizer, lambda text, params: f"I think {{params.seed % 3}}.\\nThe answer is 7.",
+    steps=lambda text: 1 + len(text) % 4)
+main(sys.argv[1:])
+""")
+    out = tmp_path / "killed"
+    path = out / "debates.jsonl"
+    proc = subprocess.Popen([sys.executable, str(script), *common, "--output", str(out),
+                             "--max-active-problems", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while (not path.exists() or path.read_bytes().count(b"\n") < 2) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no records written"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    written = read_records(path)
+    assert 2 <= len(written) < 5
+    summary = main([*common, "--output", str(out), "--resume"])
+    records = read_records(path)
+    assert by_id(records) == reference and len(records) == 5 and path.read_text().count("\n") == 5
+    assert summary["problems"] == 5 and summary["run"]["problems"] == 5 - len(written)
 
 
 def test_read_records_names_a_bad_complete_line(tmp_path):

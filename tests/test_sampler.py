@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from arkfast.engine.detokenizer import IncrementalDetokenizer
-from arkfast.engine.sampler import Sampler, SamplingBatch, apply_top_k_top_p, mix_seed
+from arkfast.engine.sampler import Sampler, SamplingBatch, apply_top_k_top_p, mix_seed, seed_uniform
 from arkfast.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -97,6 +97,32 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     many = [sample(Sampler(CPU), logits[2:3], [seeded], positions=[pos]).item() for pos in range(20)]
     assert len(set(many)) > 1
     assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**62, 10**9) < 2**63
+
+
+def test_seeded_draws_match_the_distribution_and_the_filters():
+    """Seeded rows draw by inversion with one hashed uniform per (seed, position): over 40k positions
+    the frequencies equal softmax(logits / T) within 4 sigma, and draws stay inside top-k / top-p."""
+    V, draws, T = 7, 40_000, 0.7
+    logits = logits_for(1, V, seed=1)
+    params = [SamplingParams(temperature=T, seed=11)] * draws
+    tokens = sample(Sampler(CPU), logits.expand(draws, V), params, positions=list(range(draws)))
+    freq = torch.bincount(tokens, minlength=V).double() / draws
+    p = torch.softmax(logits[0].double() / T, -1)
+    sigma = (p * (1 - p) / draws).sqrt()
+    assert ((freq - p).abs() <= 4 * sigma + 1e-4).all(), (freq, p)
+    # One seeded row among unseeded and greedy ones: the same token as alone, and only allowed ones.
+    logits = logits_for(1, 200, seed=4).expand(3000, 200)
+    allowed_k = set(logits[0].topk(5).indices.tolist())
+    nucleus = reference_filter(logits[:1], [200], [0.5])[0]
+    allowed_p = set(torch.nonzero(~torch.isinf(nucleus)).flatten().tolist())
+    for kwargs, allowed in (({"top_k": 5}, allowed_k), ({"top_p": 0.5}, allowed_p)):
+        seeded = [SamplingParams(seed=s, **kwargs) for s in range(3000)]
+        got = sample(Sampler(CPU), logits, seeded, positions=[3] * 3000)
+        assert set(got.tolist()) <= allowed and len(set(got.tolist())) > 1, kwargs
+        mixed = [SamplingParams(temperature=0.0), seeded[7], SamplingParams(**kwargs)]
+        assert sample(Sampler(CPU, seed=5), logits[:3], mixed, positions=[3, 3, 3])[1] == got[7]
+    us = [seed_uniform(seed, pos) for seed in range(50) for pos in range(200)]
+    assert 0 < min(us) and max(us) < 1 and all(torch.tensor(u, dtype=torch.float32).item() == u for u in us)
 
 
 @pytest.mark.parametrize("kwargs, message", [

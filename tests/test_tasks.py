@@ -210,6 +210,22 @@ def test_missing_file_names_the_path(tmp_path):
         load_problems(str(path))
 
 
+def test_empty_file_and_path_like_names_fail_at_once(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: the file is empty")):
+        load_problems(str(empty))
+    from arkfast.tasks import loading
+
+    def no_hub(name, split):
+        raise AssertionError(f"{name!r} was looked up on the hub")
+    monkeypatch.setattr(loading, "_load_hub", no_hub)
+    # Names that can only be paths (a data-file suffix, or more than owner/name) are never hub names.
+    for name in ("data/typo.txt", "data/x.csv", "runs/a/b", "data/gsm8k.jsonl.gz"):
+        with pytest.raises(FileNotFoundError, match=re.escape(name)):
+            load_problems(name)
+
+
 def test_malformed_jsonl_line_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps(r) for r in GSM8K_ROWS] + ["", '{"question": "x", "answer": ', json.dumps(GSM8K_ROWS[0])]

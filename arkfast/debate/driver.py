@@ -19,7 +19,17 @@ from arkfast.tasks import Problem, Task
 from .prompts import PromptBuilder
 from .protocol import DebateConfig, ProblemState, request_seed
 
-__all__ = ["run_debates"]
+__all__ = ["default_active_problems", "run_debates"]
+
+
+def default_active_problems(llm: Any, config: DebateConfig) -> int | None:
+    """How many problems to keep started: ``ceil(2 x max_num_seqs / agents)``, so the engine always has
+    a full batch and a batch's worth queued, or ``None`` (all) when ``llm`` does not say its
+    ``config.max_num_seqs``."""
+    max_num_seqs = getattr(getattr(llm, "config", None), "max_num_seqs", None)
+    if not isinstance(max_num_seqs, int):
+        return None
+    return max(1, -(-2 * max_num_seqs // config.num_agents))
 
 
 def run_debates(llm: Any, task: Task, problems: Iterable[Problem], config: DebateConfig, *,
@@ -29,12 +39,18 @@ def run_debates(llm: Any, task: Task, problems: Iterable[Problem], config: Debat
 
     ``llm``: an ``arkfast.LLM`` (or anything with its ``add_request``/``step``/``abort_request``/
     ``has_unfinished_requests``/``tokenizer``). ``max_active_problems``: start at most this many
-    problems at once (``None``: all of them; the engine's ``max_num_seqs`` still bounds the batch).
+    problems at once. ``None``: :func:`default_active_problems`, enough requests to fill the engine's
+    batch twice over. (With every problem started at once, each problem's next round would queue behind
+    every other problem's first round in the engine's first-come-first-served queue: no record would
+    come out, and none be saved, until nearly the end of the run.)
     A problem whose prompt the engine refuses (``ValueError``, e.g. longer than the context window) is
     yielded with its ``error`` set; the other problems go on.
     """
-    if max_active_problems is not None and max_active_problems < 1:
-        raise ValueError(f"max_active_problems must be >= 1 or None, got {max_active_problems!r}")
+    if max_active_problems is None:
+        max_active_problems = default_active_problems(llm, config)
+    if max_active_problems is not None and (isinstance(max_active_problems, bool) or not
+                                            isinstance(max_active_problems, int) or max_active_problems < 1):
+        raise ValueError(f"max_active_problems must be an int >= 1 or None, got {max_active_problems!r}")
     from arkfast import SamplingParams
 
     if getattr(llm, "tokenizer", None) is None:
@@ -56,8 +72,9 @@ def run_debates(llm: Any, task: Task, problems: Iterable[Problem], config: Debat
         for agent, ids in prompts:
             counter += 1
             rid = f"{counter}:{state.problem.id}:r{round_index}:{'agg' if agent is None else agent}"
+            sampling = params(state, round_index, -1 if agent is None else agent)
             try:
-                llm.add_request(ids, params(state, round_index, -1 if agent is None else agent), request_id=rid)
+                llm.add_request(ids, sampling, request_id=rid)
             except ValueError as e:  # e.g. the prompt is longer than the context window
                 where = "aggregator" if agent is None else f"round {round_index + 1}, agent {agent + 1}"
                 state.fail(f"{where}: {e}")

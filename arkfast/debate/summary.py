@@ -47,12 +47,14 @@ def summarize(records: Sequence[dict[str, Any]], *, num_rounds: int) -> dict[str
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A small table for people: the accuracy comparison, then tokens and throughput."""
+    """A small table for people: the accuracy comparison, then tokens and throughput. With
+    ``summary["protocol"] == "single"`` the majority-vote rows are left out."""
     rows = [("problems", f"{summary['problems']} ({summary['errors']} with errors)"),
-            ("single agent (agent 1, round 1)", f"{summary['single_agent_accuracy']:.1%}"),
-            ("majority of round 1 (self-consistency)", f"{summary['self_consistency_accuracy']:.1%}")]
-    for i, acc in enumerate(summary["majority_accuracy_by_round"][1:], start=2):
-        rows.append((f"majority of round {i}", f"{acc:.1%}"))
+            ("single agent (agent 1, round 1)", f"{summary['single_agent_accuracy']:.1%}")]
+    if summary.get("protocol") != "single":  # one agent: a "majority" is that agent's answer again
+        rows.append(("majority of round 1 (self-consistency)", f"{summary['self_consistency_accuracy']:.1%}"))
+        for i, acc in enumerate(summary["majority_accuracy_by_round"][1:], start=2):
+            rows.append((f"majority of round {i}", f"{acc:.1%}"))
     rows += [("final", f"{summary['final_accuracy']:.1%}"),
              ("tokens generated", f"{summary['tokens_generated']:,}"),
              ("prompt tokens (from prefix cache)",

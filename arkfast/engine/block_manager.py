@@ -80,6 +80,8 @@ class BlockManager:
         self._children: dict[int, set[int]] = {}                 # parent hash -> ids of blocks with content
         self._copy_src: dict[int, int] = {}                      # this step's copies: dst slot -> src slot
         self._release_after_step: list[int] = []                 # copy sources nobody holds any more
+        self._writes: set[int] = set()                           # blocks written since the last take_copies
+        self.last_step_writes: frozenset[int] = frozenset()      # ... as of the last take_copies
         self.num_queried_tokens = 0                              # prompt tokens looked up at admission
         self.num_hit_tokens = 0                                  # of which served from the cache
         self.num_copied_blocks = 0                               # copy-on-write copies made
@@ -216,11 +218,32 @@ class BlockManager:
         No source is also a destination (chains within a step are resolved to their origin). Call it
         once per step, after the step's last allocation."""
         pairs, self._copy_src = self._copy_src, {}
+        self.last_step_writes, self._writes = frozenset(self._writes), set()
         for block_id in self._release_after_step:  # the step's allocations are done: free copy sources
             if self.blocks[block_id].ref_count == 0:
                 self._free[block_id] = None
         self._release_after_step = []
         return list(pairs.values()), list(pairs.keys())
+
+    def forget_step_writes(self) -> None:
+        """Drop what the last scheduled step's writes told the cache (call when that step never ran,
+        after freeing its sequences): its blocks' K/V were never computed, so they must be neither
+        hit nor shared. They become empty free blocks, reused first."""
+        for block_id in self.last_step_writes:
+            block = self.blocks[block_id]
+            if block.ref_count:  # not expected: every writer of the step has been freed
+                continue
+            if block.hash is not None and self._cached.get(block.hash) == block_id:
+                del self._cached[block.hash]
+            siblings = self._children.get(block.parent_hash) if block.parent_hash is not None else None
+            if siblings is not None:
+                siblings.discard(block_id)
+                if not siblings:
+                    del self._children[block.parent_hash]
+            block.token_ids, block.parent_hash, block.hash = [], None, None
+            self._free[block_id] = None
+            self._free.move_to_end(block_id, last=False)
+        self.last_step_writes = frozenset()
 
     # ------------------------------------------------------------------------------------------------
     # Internals
@@ -244,8 +267,11 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self._cached.get(block.hash) == block_id:
             del self._cached[block.hash]
-        if block.parent_hash is not None:
-            self._children.get(block.parent_hash, set()).discard(block_id)
+        siblings = self._children.get(block.parent_hash) if block.parent_hash is not None else None
+        if siblings is not None:
+            siblings.discard(block_id)
+            if not siblings:  # drop the key too: the map stays as small as the cache, not the history
+                del self._children[block.parent_hash]
         block.ref_count, block.token_ids, block.parent_hash, block.hash = 1, [], None, None
         return block
 
@@ -276,6 +302,7 @@ class BlockManager:
         assert block.ref_count == 1 and block.hash is None, \
             f"writing into block {block.block_id} (held {block.ref_count} times, hash {block.hash})"
         block.token_ids = seq.token_ids[index * bs:end]  # a stale tail from an earlier holder is dropped
+        self._writes.add(block.block_id)
         if not self.enable_prefix_caching:
             return
         self._children.setdefault(block.parent_hash, set()).add(block.block_id)

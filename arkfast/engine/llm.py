@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Container
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
@@ -32,11 +33,11 @@ class LLM:
 
     ``model``: a checkpoint directory of a supported architecture (Llama, Qwen2, Qwen3, Mistral).
     ``dtype``: ``torch.dtype`` or its name; ``device``: ``torch.device`` or string; by default CUDA and
-    bfloat16 when a GPU is present, else CPU and float32. ``seed`` seeds the draws of requests without
-    their own. ``engine_options`` are the fields of :class:`EngineConfig` (``block_size``,
-    ``num_kv_blocks``, ``kv_cache_memory``, ``gpu_memory_utilization``, ``max_num_seqs``,
-    ``max_num_batched_tokens``, ``enable_prefix_caching``, ``cascade``, ``enforce_eager``,
-    ``max_model_len``).
+    bfloat16 when a GPU is present, else CPU and float32 (``ValueError`` for a device this machine does
+    not have). ``seed`` seeds the draws of requests without their own. ``engine_options`` are the
+    fields of :class:`EngineConfig` (``block_size``, ``num_kv_blocks``, ``kv_cache_memory``,
+    ``gpu_memory_utilization``, ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``,
+    ``cascade``, ``enforce_eager``, ``max_model_len``).
 
     Example::
 
@@ -56,12 +57,7 @@ class LLM:
     def __init__(self, model: str | Path, *, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, seed: int = 0, **engine_options):
         self.config = EngineConfig.from_options(**engine_options)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = device = _resolve_device(device)
         self.dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model_config = ModelConfig.from_pretrained(model)
         limit = self.model_config.max_context
@@ -108,7 +104,7 @@ class LLM:
     # Requests
     # ------------------------------------------------------------------------------------------------
     def _make_sequence(self, prompt: str | SequenceABC[int], params: SamplingParams | None,
-                       request_id: str | None, taken: frozenset[str] = frozenset()) -> Sequence:
+                       request_id: str | None, taken: Container[str] = frozenset()) -> Sequence:
         """Validate and tokenize a request; ``taken``: ids to avoid besides those in flight."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -176,7 +172,11 @@ class LLM:
             raise RuntimeError(f"no request could be scheduled ({len(self.scheduler.waiting)} waiting, "
                                f"{len(self.scheduler.running)} running, {self.block_manager.num_free_blocks} "
                                f"free KV blocks): the KV cache is too small")
-        sampled, tokens = self.runner.run(batch)
+        try:
+            sampled, tokens = self.runner.run(batch)
+        except BaseException:  # e.g. Ctrl-C mid-step: the engine stays usable and its cache correct
+            self.scheduler.rollback(batch)
+            raise
         self.scheduler.finish_step(batch)
         self._counts["steps"] += 1
         self._counts["generated_tokens"] += len(tokens)
@@ -221,12 +221,17 @@ class LLM:
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        elif not isinstance(sampling_params, SequenceABC):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                            f"got {type(sampling_params).__name__}")
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
         seqs: list[Sequence] = []  # validate every prompt before queueing any
+        taken: set[str] = set()
         for prompt, params in zip(prompts, sampling_params):
-            seqs.append(self._make_sequence(prompt, params, None, frozenset(s.request_id for s in seqs)))
+            seqs.append(self._make_sequence(prompt, params, None, taken))
+            taken.add(seqs[-1].request_id)
         for seq in seqs:
             self._submit(seq)
         order = {seq.request_id: i for i, seq in enumerate(seqs)}
@@ -237,18 +242,49 @@ class LLM:
 
             bar = tqdm(total=len(seqs), desc="generate", unit="req")
         remaining = len(seqs)
-        while remaining:
-            for out in self.step():
-                if out.request_id in order and results[order[out.request_id]] is None:
-                    results[order[out.request_id]] = out
-                    remaining -= 1
-                    if bar is not None:
-                        bar.update(1)
-                else:
-                    self._held.append(out)
-        if bar is not None:
-            bar.close()
+        try:
+            while remaining:
+                for out in self.step():
+                    if out.request_id in order and results[order[out.request_id]] is None:
+                        results[order[out.request_id]] = out
+                        remaining -= 1
+                        if bar is not None:
+                            bar.update(1)
+                    else:
+                        self._held.append(out)
+        except BaseException:  # e.g. Ctrl-C: leave none of this call's requests running in the engine
+            for seq in seqs:
+                if results[order[seq.request_id]] is None:
+                    self.abort_request(seq.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return results
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` with an index on CUDA; ``ValueError`` for a malformed name or a
+    CUDA device this machine does not have (rather than an error deep inside the weight loading)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name like 'cpu', 'cuda', 'cuda:1'; got "
+                         f"{device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} was asked for, but only {torch.cuda.device_count()} "
+                             f"CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return device
 
 
 def _try_load_tokenizer(path: str | Path):

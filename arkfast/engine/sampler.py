@@ -6,10 +6,14 @@ Drawing without a host sync: the exponential race. If ``E_v ~ Exp(1)`` independe
 probability ``p_v / sum_u p_u = p_v``. With ``E = -ln U`` for ``U ~ Uniform[0, 1)``, ``E`` is in
 ``(0, inf]`` (``U = 0`` gives ``inf`` and a score of 0; a filtered token has ``p = 0`` and scores 0).
 
-Reproducibility: the uniforms of a request with a ``seed`` come from a generator seeded with a hash of
-``(seed, position of the token being drawn)``, so its draws depend on nothing else in the batch, and
-a preempted and recomputed request draws the same numbers again. Requests without a seed share the
-engine's generator (seeded by ``LLM(seed=...)``).
+Requests with a ``seed`` draw by inversion instead: one uniform ``u`` per row, a hash of ``(seed,
+position of the token being drawn)`` computed on the host, and the token is the first ``v`` whose
+cumulative probability exceeds ``u * sum_v p_v`` (``searchsorted`` over the row's running sum; a
+filtered token adds 0 to the sum, so it is never the first to exceed it). Its draws depend on nothing
+else in the batch, a preempted and recomputed request draws the same numbers again, and all seeded
+rows of a step cost a few batched ops (not one generator reseed and one random launch per row, which
+a debate, whose every request is seeded, would pay on every row of every step). Requests without a
+seed share the engine's generator (seeded by ``LLM(seed=...)``).
 """
 from __future__ import annotations
 
@@ -23,11 +27,17 @@ _MASK64 = (1 << 64) - 1
 
 
 def mix_seed(seed: int, position: int) -> int:
-    """A 63-bit generator seed from ``(seed, position)`` (SplitMix64's finaliser over both)."""
+    """A 63-bit hash of ``(seed, position)`` (SplitMix64's finaliser over both)."""
     z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+def seed_uniform(seed: int, position: int) -> float:
+    """A uniform number in ``(0, 1)`` from ``(seed, position)``: the top 23 bits of :func:`mix_seed`,
+    centred in their interval (``(2k + 1) / 2^24``: exact in float32, never 0 or 1)."""
+    return ((mix_seed(seed, position) >> 40) + 0.5) / (1 << 23)
 
 
 @dataclasses.dataclass
@@ -48,7 +58,6 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._row_generator = torch.Generator(device=self.device)  # reseeded per seeded row
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits.float()                                                   # [N, V]
@@ -64,12 +73,22 @@ class Sampler:
             logits = apply_top_k_top_p(logits, torch.tensor(top_k).to(self.device, non_blocking=True),
                                        torch.tensor(top_p).to(self.device, non_blocking=True))
         probs = torch.softmax(logits, dim=-1)                                    # [N, V]
-        uniform = torch.rand(N, V, generator=self.generator, device=self.device)
-        for i, (p, pos) in enumerate(zip(batch.params, batch.positions)):
-            if p.seed is not None and not p.greedy:
-                self._row_generator.manual_seed(mix_seed(p.seed, pos))
-                uniform[i] = torch.rand(V, generator=self._row_generator, device=self.device)
-        sampled = (probs / -torch.log(uniform)).argmax(dim=-1)                   # the exponential race
+        sampled = greedy
+        if any(p.seed is None and not p.greedy for p in batch.params):
+            uniform = torch.rand(N, V, generator=self.generator, device=self.device)
+            sampled = (probs / -torch.log(uniform)).argmax(dim=-1)               # the exponential race
+        seeded = [i for i, p in enumerate(batch.params) if p.seed is not None and not p.greedy]
+        if seeded:
+            u = torch.tensor([seed_uniform(batch.params[i].seed, batch.positions[i]) for i in seeded],
+                             dtype=torch.float32).to(self.device, non_blocking=True)       # [S]
+            rows = None if len(seeded) == N else torch.tensor(seeded).to(self.device, non_blocking=True)
+            cdf = (probs if rows is None else probs[rows]).cumsum(dim=-1)                   # [S, V]
+            drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]   # [S]
+            # u * total can round up to total (u is at most 1 - 2^-24): then the last token with
+            # probability > 0 is meant; the row's argmax stands in for it in that rare edge case.
+            fallback = greedy if rows is None else greedy[rows]
+            drawn = torch.where(drawn < V, drawn, fallback)
+            sampled = drawn if rows is None else sampled.index_copy(0, rows, drawn)
         is_greedy = torch.tensor([p.greedy for p in batch.params]).to(self.device, non_blocking=True)
         return torch.where(is_greedy, greedy, sampled)
 

@@ -136,6 +136,16 @@ class Scheduler:
         for seq, n in batch.prefill:
             seq.num_computed_tokens += n
 
+    def rollback(self, batch: ScheduledBatch) -> None:
+        """Undo ``batch`` when running it failed (an exception, a Ctrl-C): its sequences are re-queued
+        to recompute from their cached prefix, and the blocks it was to write are forgotten, since
+        the prefix cache already listed them (see :meth:`BlockManager.allocate`) but nothing was
+        computed into them."""
+        for seq in [*batch.decode, *(s for s, _ in batch.prefill)][::-1]:  # re-queued oldest first
+            if seq.status is SequenceStatus.RUNNING:
+                self._preempt(seq, count=False)
+        self.block_manager.forget_step_writes()
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a running sequence finished and release its blocks (they stay in the prefix cache)."""
         seq.status = SequenceStatus.FINISHED
@@ -178,9 +188,9 @@ class Scheduler:
                 return seq
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, count: bool = True) -> None:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+        self.num_preemptions += int(count)

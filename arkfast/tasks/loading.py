@@ -21,6 +21,10 @@ from .problem import Problem, Task
 __all__ = ["LOCAL_SUFFIXES", "load_problems", "load_records", "validate_json_file"]
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Names ending like a data file are paths, never hub names: a missing or unsupported file is reported
+# at once instead of after the hub's network retries.
+_FILE_SUFFIXES = {".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".yaml",
+                  ".yml", ".xml", ".jsonl.gz", ".ndjson"}
 
 
 def load_problems(dataset: str | None = None, *, task: str | None = None, split: str | None = None,
@@ -65,8 +69,9 @@ def load_problems(dataset: str | None = None, *, task: str | None = None, split:
 def load_records(dataset: str, *, split: str | None = None) -> tuple[list[dict], list[str], str]:
     """``(records, field names, source description)`` of a local file/folder or a hub dataset."""
     path = Path(dataset).expanduser()
-    looks_local = (path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~", "\\"))
-                   or path.exists())
+    looks_local = (path.suffix in LOCAL_SUFFIXES or path.suffix.lower() in _FILE_SUFFIXES
+                   or dataset.startswith((".", "/", "~", "\\")) or path.exists()
+                   or dataset.partition(":")[0].count("/") > 1)  # a hub name is "owner/name[:config]"
     if looks_local:
         return _load_local(path)
     return _load_hub(dataset, split or "test")
@@ -81,6 +86,9 @@ def validate_json_file(path: Path) -> None:
     """
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 16).lstrip()
+    if not head and not path.read_text(encoding="utf-8").strip():
+        raise ValueError(f"{path}: the file is empty; expected JSON lines (one object per line) or a JSON "
+                         f"array of objects")
     if head.startswith("["):
         text = path.read_text(encoding="utf-8")
         try:
