@@ -3,7 +3,8 @@
 Usable on its own (it imports only torch and triton). Every op dispatches the same way: on CUDA
 tensors the Triton kernel runs, on CPU tensors the torch reference; ``force_triton()`` runs the kernels
 on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``), ``force_reference()`` runs the
-references on CUDA tensors.
+references on CUDA tensors. Triton launches on the current CUDA device: with several GPUs, call
+``torch.cuda.set_device`` (or enter ``torch.cuda.device``) for the tensors' device first.
 
     from arkfast.kernels import fused_linear_weighted_cross_entropy
     loss = fused_linear_weighted_cross_entropy(hidden, lm_head.weight, labels, step_weights)

@@ -58,6 +58,8 @@ class LLM:
                  device: torch.device | str | None = None, seed: int = 0, **engine_options):
         self.config = EngineConfig.from_options(**engine_options)
         self.device = device = _resolve_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches kernels on the current device
         self.dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model_config = ModelConfig.from_pretrained(model)
         limit = self.model_config.max_context
