@@ -257,6 +257,31 @@ def test_greedy_debate_is_the_same_with_and_without_prefix_caching(tmp_path, dat
 
 
 @needs_engine
+def test_greedy_debate_is_the_same_under_eviction_and_preemption(tmp_path, dataset, checkpoint, monkeypatch):
+    """A KV cache of 17 blocks (one 256-token sequence needs 16) forces LRU eviction of cached prefix
+    blocks and the preemption of running sequences; the records stay those of an unconstrained run."""
+    import arkfast.engine.llm as engine_llm
+
+    engines = []
+    init = engine_llm.LLM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(engine_llm.LLM, "__init__", recording_init)
+    common = ["--model", str(checkpoint), "--dataset", str(dataset), "--limit", "3", "--agents", "3",
+              "--rounds", "2", "--temperature", "0", "--max-tokens", "6", "--block-size", "16",
+              "--max-model-len", "256"]
+    main([*common, "--output", str(tmp_path / "roomy")])
+    main([*common, "--output", str(tmp_path / "tight"), "--num-kv-blocks", "17"])
+    assert engines[-1].stats["preemptions"] > 0, engines[-1].stats
+    assert engines[-1].block_manager.num_blocks == 17
+    assert by_id(read_records(tmp_path / "tight" / "debates.jsonl")) == \
+        by_id(read_records(tmp_path / "roomy" / "debates.jsonl"))
+
+
+@needs_engine
 def test_real_engine_resume_and_context_window_error(tmp_path, checkpoint):
     path = tmp_path / "data.jsonl"
     rows = [{"question": q, "answer": f"#### {a}"} for q, a in QUESTIONS[:3]]
