@@ -22,6 +22,7 @@ from ._dispatch import use_triton
 from .cascade_attention import (
     MAX_ROWS,
     WorkList,
+    attend_paged_reference,
     attend_work_list,
     build_work_list,
     cascade_decode_attention,
@@ -30,7 +31,6 @@ from .cascade_attention import (
     check_plan,
     tile_rows,
 )
-from .paged_kv import gather_kv_reference
 
 PARTIAL_BUDGET = 0.05  # a split's partials (written, then read by the merge) <= 5% of its K/V bytes
 CHUNK_ALIGN = 64       # split sizes are multiples of the kernel's key tile
@@ -371,22 +371,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, seq_lens, scale: float | None = None,
                                      return_lse: bool = False):
-    """Torch reference: gather each sequence's ``seq_lens[b]`` tokens, fp32 softmax over them.
-    ``q [B, Hq, D]`` → ``out [B, Hq, D]`` in ``q.dtype`` (and ``lse [B, Hq]`` fp32, natural log)."""
-    B, Hq, D = q.shape
-    gqa = Hq // k_cache.shape[2]
+    """Torch reference: each sequence's ``seq_lens[b]`` tokens gathered through its table row, fp32
+    softmax, all sequences batched (:func:`attend_paged_reference`). ``q [B, Hq, D]`` → ``out [B, Hq,
+    D]`` in ``q.dtype`` (and ``lse [B, Hq]`` fp32, natural log; -inf and ``out = 0`` for a sequence with
+    no tokens). ``seq_lens [B]``: a list or tensor; as in the kernel without a plan, an entry past the
+    table's capacity (``W x block_size``) counts as that capacity."""
+    B, _, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    lens = torch.as_tensor(seq_lens).tolist()  # host loop over sequences: a reference, not a hot path
-    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=q.device)
-    for b in range(B):
-        if lens[b] == 0:
-            continue
-        k, v = gather_kv_reference(k_cache, v_cache, block_tables[b], lens[b])   # [L, Hkv, D]
-        k = k.float().repeat_interleave(gqa, dim=1)                              # [L, Hq, D]
-        v = v.float().repeat_interleave(gqa, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale             # [Hq, L]
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v)
-        lse[b] = torch.logsumexp(scores, dim=-1)
+    capacity = block_tables.shape[1] * k_cache.shape[1]
+    # Host ints size the gathers (a CPU tensor costs nothing here; a CUDA one is one sync a call).
+    lens = [min(int(n), capacity) for n in torch.as_tensor(seq_lens).reshape(B).tolist()]
+    out, lse = attend_paged_reference(q, k_cache, v_cache, block_tables, lens, scale)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

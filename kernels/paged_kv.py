@@ -164,11 +164,45 @@ def gather_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tabl
     ``block_table_row [max_blocks]`` (int32) is that sequence's row of ``block_tables``; only its
     first ``ceil(length / block_size)`` entries are read.
     """
-    block_size = k_cache.shape[1]
+    _, block_size, Hkv, D = k_cache.shape
     pos = torch.arange(int(length), device=k_cache.device)                # [length]
     blocks = block_table_row.to(device=k_cache.device, dtype=torch.long)[pos // block_size]
-    offsets = pos % block_size
-    return k_cache[blocks, offsets].contiguous(), v_cache[blocks, offsets].contiguous()
+    slots = blocks * block_size + pos % block_size                         # [length]
+    # index_select copies whole [Hkv, D] rows (one memcpy each) into a new contiguous tensor.
+    return (torch.index_select(k_cache.view(-1, Hkv, D), 0, slots),
+            torch.index_select(v_cache.view(-1, Hkv, D), 0, slots))
+
+
+def paged_slots_reference(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                          block_size: int, *, prefix_tables: torch.Tensor | None = None,
+                          prefix_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat cache slots of a batch of sequences, padded to ``max_len``: ``(slots, valid)``, both
+    ``[B, max_len]`` (int64 and bool), for gathering ``k_cache.view(-1, Hkv, D)[slots]``.
+
+    ``block_tables [B, W]`` int32 and ``seq_lens [B]`` (any int dtype, on the tables' device): token j
+    of sequence b lives at ``block_tables[b, j // block_size] * block_size + j % block_size``; ``valid[b,
+    j]`` is ``j < seq_lens[b]``, and ``max_len >= max(seq_lens)`` is a host int (sizing the output from
+    ``seq_lens`` would need a read-back). With ``prefix_tables [B, W]`` and ``prefix_lens [B]``, tokens
+    ``j < prefix_lens[b]`` are read through ``prefix_tables[b]`` instead (a shared prefix read through
+    another sequence's row).
+
+    Padding entries (``valid`` False) hold the slot of the sequence's last token, so a gather never
+    touches a -1 table entry or an unwritten slot and stays finite; an empty sequence's entries hold a
+    slot >= 0 of unspecified content. Callers mask padding by ``valid``.
+    """
+    device = block_tables.device
+    lens = seq_lens.to(device=device, dtype=torch.long)                     # [B]
+    pos = torch.arange(max_len, device=device)                              # [L]
+    valid = pos[None, :] < lens[:, None]                                    # [B, L]
+    pos = torch.minimum(pos[None, :], (lens - 1).clamp(min=0)[:, None])     # [B, L] padding -> last token
+    col = pos // block_size                                                 # [B, L] table column
+    blocks = block_tables.long().gather(1, col)                             # [B, L]
+    if prefix_tables is not None:
+        in_prefix = pos < prefix_lens.to(device=device, dtype=torch.long)[:, None]
+        blocks = torch.where(in_prefix, prefix_tables.long().gather(1, col), blocks)
+    # clamp: an empty sequence's row may be all -1, and a negative slot would index from the end.
+    slots = (blocks * block_size + pos % block_size).clamp_(min=0)          # [B, L]
+    return slots, valid
 
 
 def aot_specs() -> list[KernelSpec]:

@@ -3,6 +3,7 @@ plain paged decode and both references against attention over each sequence's de
 import pytest
 import torch
 
+from arkfast.kernels import cascade_attention
 from arkfast.kernels.cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
 from arkfast.kernels.decode_attention import decode_attention, paged_decode_attention, plan_decode
 from kernel_testing import assert_close, assert_compiles_sm90, assert_int64_offsets, poison_like
@@ -100,6 +101,47 @@ def test_cascade_equals_plain_equals_reference(triton_interp, dtype, groups, Hq,
     assert_close(got, plain.double(), dtype=dtype, name="cascade vs plain")
     ref = cascade_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens)
     assert_close(ref, expected, dtype=dtype, name="reference")
+
+
+REFERENCE_CASES = [  # groups, Hq, Hkv, D, block_size: the batched reference, no interpreter
+    (MIXED, 8, 2, 64, 16),                                           # GQA 4, mixed groups
+    ([(19, [2, 7, 1, 4, 16]), (0, [0, 3])], 2, 2, 32, 16),          # GQA 1, an empty sequence
+    ([(50, [1, 3, 2, 6, 1, 4, 2, 1, 9]), (7, [2])], 8, 1, 128, 32),  # GQA 8, block 32
+    ([(16, [0, 1]), (1, [0, 15, 16])], 4, 1, 16, 16),                # sequences that are only a prefix
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3], ids=["one_pass", "one_seq_per_chunk", "three_longest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,Hq,Hkv,D,block_size", REFERENCE_CASES)
+def test_reference_matches_dense_oracle(monkeypatch, chunk, dtype, groups, Hq, Hkv, D, block_size):
+    """The batched reference against the per-sequence fp64 loop over the dense K/V, whole or in chunks
+    (a gather budget of ``chunk`` longest sequences). Every member but a group's first has its copy of
+    a partial last prefix block poisoned with NaN: the reference reads the prefix through the first
+    member's table row, as its contract says."""
+    seed = Hq * 10 + D + len(groups)
+    k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens, keys, values = make_forest(
+        groups, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)
+    if chunk is not None:
+        budget = chunk * int(seq_lens.max()) * Hkv * D * 8   # fp32 K and V of `chunk` longest sequences
+        monkeypatch.setattr(cascade_attention, "REFERENCE_GATHER_BYTES", budget)
+    seen = set()
+    for b, g in enumerate(group_ids):
+        prefix = prefix_lens[g]
+        if g in seen and prefix % block_size:
+            block = tables[b, prefix // block_size].item()
+            for cache in (k_cache, v_cache):
+                cache[block, :prefix % block_size] = float("nan")
+        seen.add(g)
+    q = torch.randn(len(group_ids), Hq, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    got, lse = cascade_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, group_ids,
+                                                  prefix_lens, return_lse=True)
+    expected, expected_lse = dense_attention(q, keys, values)
+    assert got.dtype == dtype
+    assert_close(got, expected, dtype=dtype, name="reference")
+    assert_close(lse, expected_lse, dtype=torch.float32, atol=1e-4, name="reference lse")
+    empty = seq_lens == 0
+    assert torch.equal(got[empty], torch.zeros_like(got[empty])) and torch.isneginf(lse[empty]).all()
 
 
 def test_prefix_read_once_per_row_tile():

@@ -3,6 +3,7 @@ against attention over the sequences' dense K/V, plan reuse across layers, the c
 import pytest
 import torch
 
+from arkfast.kernels import cascade_attention
 from arkfast.kernels.decode_attention import (
     decode_attention,
     paged_decode_attention,
@@ -91,6 +92,52 @@ def test_matches_dense_attention(triton_interp, use_plan, dtype, Hq, Hkv, D, blo
     ref, ref_lse = paged_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, return_lse=True)
     assert_close(ref, expected, dtype=dtype, name="reference")
     assert_close(ref_lse, expected_lse, dtype=torch.float32, atol=1e-4, name="reference lse")
+
+
+REFERENCE_CASES = [  # dtype, Hq, Hkv, D, block_size, lens: the batched reference, no interpreter
+    (torch.float32, 4, 4, 64, 16, [0, 1, 17, 40, 16]),              # GQA 1, empty and one-token sequences
+    (torch.float32, 8, 2, 32, 16, [33, 0, 1, 15, 16, 17, 70, 0]),  # GQA 4, block-crossing lengths
+    (torch.bfloat16, 8, 2, 64, 16, [33, 1, 16, 70]),
+    (torch.float32, 8, 1, 128, 32, [17, 65, 32, 0]),                # GQA 8, D 128, block 32
+    (torch.float16, 8, 1, 16, 16, [5, 31, 1]),
+    (torch.float32, 4, 2, 32, 16, [0, 0]),                          # nothing to attend to at all
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3], ids=["one_pass", "one_seq_per_chunk", "three_longest"])
+@pytest.mark.parametrize("dtype,Hq,Hkv,D,block_size,lens", REFERENCE_CASES)
+def test_reference_matches_dense_oracle(monkeypatch, chunk, dtype, Hq, Hkv, D, block_size, lens):
+    """The batched reference (the CPU decode path) against the per-sequence fp64 loop over the dense
+    K/V, at awkward lengths; the cache's unwritten slots and -1 table entries would turn any stray read
+    into NaN. ``chunk``: a gather budget of that many longest sequences (chunks of mixed lengths)."""
+    if chunk is not None:
+        monkeypatch.setattr(cascade_attention, "REFERENCE_GATHER_BYTES", chunk * max(lens) * Hkv * D * 8)
+    seed = 7 * sum(lens) + D + Hq + len(lens)
+    k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
+        lens, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)
+    q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    for lens_arg in (seq_lens, lens):  # a tensor (no plan) or the plan's host list
+        got, lse = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens_arg, return_lse=True)
+        expected, expected_lse = dense_attention(q, keys, values)
+        assert got.dtype == dtype and lse.dtype == torch.float32
+        assert_close(got, expected, dtype=dtype, name="reference")
+        assert_close(lse, expected_lse, dtype=torch.float32, atol=1e-4, name="reference lse")
+        empty = torch.tensor(lens) == 0
+        assert torch.equal(got[empty], torch.zeros_like(got[empty])) and torch.isneginf(lse[empty]).all()
+    got = paged_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, scale=0.3)
+    assert_close(got, dense_attention(q, keys, values, scale=0.3)[0], dtype=dtype, name="scale 0.3")
+
+
+def test_reference_clamps_lengths_to_the_table():
+    """As the kernel without a plan: a seq_lens entry past W x block_size counts as that capacity."""
+    k_cache, v_cache, tables, _, keys, values = make_paged(
+        [16, 5], num_kv_heads=1, head_dim=32, block_size=16, dtype=torch.float32, seed=6)
+    q = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(7))
+    got = paged_decode_attention_reference(q, k_cache, v_cache, tables[:, :1], [40, 5])
+    assert_close(got, dense_attention(q, keys, values)[0])
+    got, lse = paged_decode_attention_reference(q, k_cache, v_cache, torch.empty(2, 0, dtype=torch.int32),
+                                                [3, 0], return_lse=True)
+    assert torch.equal(got, torch.zeros_like(q)) and torch.isneginf(lse).all()
 
 
 def test_plan_reused_across_layers_and_scale(triton_interp):

@@ -7,6 +7,7 @@ import kernel_testing
 from arkfast.kernels.paged_kv import (
     allocate_kv_cache,
     gather_kv_reference,
+    paged_slots_reference,
     write_kv_cache,
     write_kv_cache_reference,
 )
@@ -119,6 +120,36 @@ def test_gather_kv_reference():
         for j in range(length):
             blk, off = int(table[j // block_size]), j % block_size
             assert torch.equal(k[j], k_cache[blk, off]) and torch.equal(v[j], v_cache[blk, off])
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_slots_reference(block_size):
+    """Slots against the per-token formula; padding holds the sequence's last slot, an empty sequence
+    (a row of -1) a slot >= 0; a prefix is read through its own table."""
+    gen = torch.Generator().manual_seed(block_size)
+    lens = [0, 1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
+    width = max(-(-n // block_size) for n in lens) + 1
+    tables = torch.full((len(lens), width), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        need = -(-n // block_size)
+        tables[b, :need] = torch.randperm(64, generator=gen)[:need].int()
+    prefix_tables = torch.randint(0, 64, tables.shape, generator=gen, dtype=torch.int32)
+    prefix_lens = torch.tensor([0, 1, 0, block_size, 3, 2 * block_size + 1])
+    max_len = max(lens) + 2
+    slots, valid = paged_slots_reference(tables, torch.tensor(lens, dtype=torch.int32), max_len, block_size)
+    pre_slots, pre_valid = paged_slots_reference(tables, torch.tensor(lens), max_len, block_size,
+                                                 prefix_tables=prefix_tables, prefix_lens=prefix_lens)
+    assert slots.shape == (len(lens), max_len) and slots.dtype == torch.int64 and valid.dtype == torch.bool
+    assert torch.equal(valid, pre_valid) and bool((slots >= 0).all()) and bool((pre_slots >= 0).all())
+    for b, n in enumerate(lens):
+        assert valid[b].tolist() == [j < n for j in range(max_len)]
+        for j in range(max_len):
+            tok = min(j, n - 1)
+            if tok < 0:
+                continue
+            table = prefix_tables if tok < prefix_lens[b] else tables
+            assert slots[b, j] == tables[b, tok // block_size] * block_size + tok % block_size
+            assert pre_slots[b, j] == table[b, tok // block_size] * block_size + tok % block_size
 
 
 def test_aot_compiles_sm90():
