@@ -48,6 +48,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=msg, equal_nan=False)
 
 
+def dense_attention(q, keys, values, scale=None):
+    """Float64 attention of ``q [B, Hq, D]`` over dense per-sequence K/V → (out, lse natural log): the
+    decode tests' oracle."""
+    B, Hq, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        if keys[b].shape[0] == 0:
+            continue
+        gqa = Hq // keys[b].shape[1]
+        k = keys[b].double().repeat_interleave(gqa, 1)                          # [L, Hq, D]
+        v = values[b].double().repeat_interleave(gqa, 1)
+        scores = torch.einsum("hd,lhd->hl", q[b].double(), k) * scale          # [Hq, L]
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+        lse[b] = torch.logsumexp(scores, -1)
+    return out, lse
+
+
 def compile_sm90(*modules: str) -> list[dict]:
     """Compile every configuration listed by ``aot_specs()`` of ``modules`` for sm_90, in a subprocess
     without the interpreter; returns one record per configuration."""

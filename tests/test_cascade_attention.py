@@ -6,7 +6,13 @@ import torch
 from arkfast.kernels import cascade_attention
 from arkfast.kernels.cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
 from arkfast.kernels.decode_attention import decode_attention, paged_decode_attention, plan_decode
-from kernel_testing import assert_close, assert_compiles_sm90, assert_int64_offsets, poison_like
+from kernel_testing import (
+    assert_close,
+    assert_compiles_sm90,
+    assert_int64_offsets,
+    dense_attention,
+    poison_like,
+)
 
 
 def make_forest(groups, *, num_kv_heads, head_dim, block_size, dtype, seed, spare_blocks=2):
@@ -49,21 +55,6 @@ def make_forest(groups, *, num_kv_heads, head_dim, block_size, dtype, seed, spar
     prefix_lens = [prefix for prefix, _ in groups]
     return k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens, keys, values
 
-
-def dense_attention(q, keys, values, scale=None):
-    """fp64 attention of ``q [B, Hq, D]`` over dense per-sequence K/V → (out, lse natural log)."""
-    B, Hq, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    out = torch.zeros(B, Hq, D, dtype=torch.float64)
-    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64)
-    for b in range(B):
-        gqa = Hq // keys[b].shape[1]
-        k = keys[b].double().repeat_interleave(gqa, 1)                          # [L, Hq, D]
-        v = values[b].double().repeat_interleave(gqa, 1)
-        scores = torch.einsum("hd,lhd->hl", q[b].double(), k) * scale          # [Hq, L]
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
-        lse[b] = torch.logsumexp(scores, -1)
-    return out, lse
 
 
 MIXED = [(37, [3, 20, 0, 17, 1]),   # 5 agents, prefix not block-aligned, one with an empty suffix

@@ -10,7 +10,7 @@ from arkfast.kernels.decode_attention import (
     paged_decode_attention_reference,
     plan_decode,
 )
-from kernel_testing import assert_close, poison_like
+from kernel_testing import assert_close, dense_attention, poison_like
 
 
 def make_paged(lens, *, num_kv_heads, head_dim, block_size, dtype, seed, value_seed=None, spare_blocks=3):
@@ -42,23 +42,6 @@ def make_paged(lens, *, num_kv_heads, head_dim, block_size, dtype, seed, value_s
         values.append(v)
     return k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), keys, values
 
-
-def dense_attention(q, keys, values, scale=None):
-    """fp64 attention of ``q [B, Hq, D]`` over dense per-sequence K/V → (out, lse natural log)."""
-    B, Hq, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
-    out = torch.zeros(B, Hq, D, dtype=torch.float64)
-    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64)
-    for b in range(B):
-        if keys[b].shape[0] == 0:
-            continue
-        gqa = Hq // keys[b].shape[1]
-        k = keys[b].double().repeat_interleave(gqa, 1)                          # [L, Hq, D]
-        v = values[b].double().repeat_interleave(gqa, 1)
-        scores = torch.einsum("hd,lhd->hl", q[b].double(), k) * scale          # [Hq, L]
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
-        lse[b] = torch.logsumexp(scores, -1)
-    return out, lse
 
 
 CASES = [  # dtype, Hq, Hkv, D, block_size, lens
