@@ -435,6 +435,13 @@ def fused_linear_weighted_cross_entropy(
     Returns:
         The loss (float32; float64 for float64 inputs), or ``(loss, logp)``. Gradients reach
         ``hidden``, ``weight``, ``bias`` (in their dtypes) and ``token_weights``.
+
+    Example::
+
+        hidden = model(input_ids, positions, ctx)                  # [N, H], the final hidden states
+        labels = input_ids.roll(-1).masked_fill(prompt_mask, -100)  # next-token targets, prompt masked
+        loss = fused_linear_weighted_cross_entropy(hidden, model.lm_head_weight, labels, step_weights)
+        loss.backward()
     """
     _validate(hidden, weight, labels, token_weights, bias, reduction, z_loss, softcap)
     if hidden.shape[0] == 0 or not use_triton(hidden, weight, labels, token_weights, bias):
