@@ -439,7 +439,7 @@ def fused_linear_weighted_cross_entropy(
     Example::
 
         hidden = model(input_ids, positions, ctx)                  # [N, H], the final hidden states
-        labels = input_ids.roll(-1).masked_fill(prompt_mask, -100)  # next-token targets, prompt masked
+        # labels [N]: the next token's id, -100 on prompt tokens and on each sequence's last token
         loss = fused_linear_weighted_cross_entropy(hidden, model.lm_head_weight, labels, step_weights)
         loss.backward()
     """
