@@ -208,6 +208,21 @@ def test_time_limit_stops_early_and_saves(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_stop_after_is_the_same_run_cut_short(tmp_path):
+    """``stop_after`` trains the first steps of the longer schedule (its learning rates, its rows),
+    reproducibly, and saves; a shorter schedule is another run."""
+    examples = random_examples(40, seed=8)
+    stopped, result = _run(0, 12, examples, stop_after=5, output_dir=str(tmp_path / "ckpt"))
+    assert result.steps == 5 and result.stopped_early and (tmp_path / "ckpt" / "model.safetensors").is_file()
+    again, _ = _run(0, 12, examples, stop_after=5)
+    shorter, _ = _run(0, 5, examples)
+    for name, value in stopped.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert any(not torch.equal(v, shorter.state_dict()[k]) for k, v in stopped.state_dict().items())
+    with pytest.raises(ValueError, match="stop_after"):
+        TrainConfig(steps=4, stop_after=5)
+
+
 def test_checkpoint_is_atomic_and_loads_back(tmp_path):
     out = tmp_path / "ckpt"
     model = new_model(tiny_config(), seed=7)

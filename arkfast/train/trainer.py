@@ -40,7 +40,8 @@ class TrainConfig:
     ``lr * min_lr_ratio`` at the last step. ``grad_clip`` bounds the global gradient L2 norm (0: off).
     Weight decay applies to matrices only (not norms). Every ``eval_every`` steps (and at the end) the
     mean loss over the eval rows is measured; every ``save_every`` steps (0: only at the end) the model is
-    saved to ``output_dir`` when one is given. ``time_limit_s`` stops early (saving) when the wall clock
+    saved to ``output_dir`` when one is given. ``stop_after`` ends the run (saving) after that many
+    steps of the ``steps``-step schedule, reproducibly. ``time_limit_s`` stops early (saving) when the wall clock
     runs out; a run cut short that way is not reproducible step for step. ``num_threads`` sets
     ``torch.set_num_threads`` for the run (None: leave it). ``shuffle``: draw rows in a fresh random
     order each epoch; ``False`` visits them in the given order (cycling), for a curriculum.
@@ -61,6 +62,7 @@ class TrainConfig:
     output_dir: str | None = None
     seed: int = 0
     num_threads: int | None = None
+    stop_after: int | None = None
     time_limit_s: float | None = None
     shuffle: bool = True
     device: str = "cpu"
@@ -88,6 +90,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads <= 0):
             raise ValueError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
+        if self.stop_after is not None and (not isinstance(self.stop_after, int)
+                                            or not 1 <= self.stop_after <= self.steps):
+            raise ValueError(f"stop_after must be an int in [1, steps={self.steps}] or None, got {self.stop_after!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s}")
 
@@ -208,6 +213,9 @@ def train(model: DecoderModel, train_rows: Sequence[PackedRow], cfg: TrainConfig
             log(f"step {done}: eval loss {evals[-1][1]:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
             save(done)
+        if cfg.stop_after is not None and done >= cfg.stop_after:
+            stopped_early = done < cfg.steps
+            break
         if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
             stopped_early = done < cfg.steps
             if stopped_early:
