@@ -52,16 +52,16 @@ class ArithConfig:
     ``num_train``/``num_test``: split sizes when none is asked for.
     """
 
-    min_steps: int = 2
-    max_steps: int = 3
-    max_operand: int = 20
+    min_steps: int = 4
+    max_steps: int = 5
+    max_operand: int = 30
     max_factor: int = 5
-    max_value: int = 60
+    max_value: int = 99
     ops: tuple[str, ...] = ("+", "-", "*")
     test_fraction: float = 0.2
     seed: int = 0
     num_train: int = 5000
-    num_test: int = 200
+    num_test: int = 500
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
