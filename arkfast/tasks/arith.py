@@ -24,7 +24,8 @@ import random
 from .grading import canonical_number, extract_final
 from .problem import Problem, Task
 
-__all__ = ["ARITH_OPS", "ArithConfig", "ArithTask", "arith_problems", "arith_split_of", "make_arith_problem"]
+__all__ = ["ARITH_OPS", "ArithConfig", "ArithTask", "apply_op", "arith_problems", "arith_split_of",
+           "make_arith_problem"]
 
 ARITH_OPS = ("+", "-", "*", "/")
 ANSWER_PREFIX = "Answer: "
@@ -88,7 +89,8 @@ def arith_split_of(text: str, test_fraction: float) -> str:
     return "test" if h < test_fraction * 2 ** 64 else "train"
 
 
-def _apply(op: str, a: int, b: int) -> int:
+def apply_op(op: str, a: int, b: int) -> int:
+    """``a op b`` for one of :data:`ARITH_OPS` (``/`` is integer division: the task divides exactly)."""
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
 
 
@@ -114,7 +116,7 @@ def make_arith_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, str, 
         options = [(op, c) for op in cfg.ops if (c := _choices(op, value, cfg))]
         op, operands = rng.choice(options)  # "+" or "-" always has an operand: value is in [0, max]
         b = rng.choice(operands)
-        new = _apply(op, value, b)
+        new = apply_op(op, value, b)
         template = rng.choice(_STEP_TEMPLATES[op])
         sentences.append(template.format(n=b, p=pronoun, P=pronoun.capitalize()))
         lines.append(f"{value} {op} {b} = {new}")

@@ -38,11 +38,10 @@ from arkfast.debate.prompts import (
     shared_transcript,
 )
 from arkfast.tasks import ArithTask, Problem
+from arkfast.tasks.arith import apply_op
 from arkfast.train import Example
 
 _STEP_RE = re.compile(r"^(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)$")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-        "/": lambda a, b: a // b if b else a}
 MISTAKES = ("result", "operand", "operation", "skip", "answer")
 
 
@@ -117,7 +116,7 @@ def write_solution(start: int, steps: Sequence[tuple[str, int]], *, slip_at: int
     it on). ``answer`` overrides the number on the answer line."""
     lines, value = [], start
     for i, (op, b) in enumerate(steps):
-        new = _OPS[op](value, b)
+        new = apply_op(op, value, b)
         if i == slip_at:
             new = _near(rng, new)
         lines.append(f"{value} {op} {b} = {new}")
@@ -198,7 +197,7 @@ def drill_example(builder: PromptBuilder, lines: Sequence[tuple[int, str, int]],
     trained: list[bool] = []
     for i, (a, op, b) in enumerate(lines):
         end = "\n" if i + 1 < len(lines) else eos
-        for text, target in ((f"{a} {op} {b} = ", False), (str(_OPS[op](a, b)), True), (end, True)):
+        for text, target in ((f"{a} {op} {b} = ", False), (str(apply_op(op, a, b)), True), (end, True)):
             ids = builder.encode(text)
             completion += ids
             trained += [target] * len(ids)
