@@ -212,7 +212,7 @@ def test_shipped_checkpoint_matches_transformers():
                builder.shared_round(problems[2], [p.meta["solution"] for p in problems] * 2)[4]]
     with torch.no_grad():
         ctx, positions = VarlenContext.from_lengths([len(p) for p in prompts])
-        hidden = ours(torch.tensor(sum(prompts, [])), positions, ctx)
+        hidden = ours(torch.tensor([t for p in prompts for t in p]), positions, ctx)
         logits = ours.compute_logits(hidden).split([len(p) for p in prompts])
         for ids, mine in zip(prompts, logits):
             ref = theirs(torch.tensor([ids])).logits[0]

@@ -186,6 +186,12 @@ def peer_solutions(problem: Problem, rng: random.Random, n: int,
     return peers
 
 
+def _peers(problem: Problem, rng: random.Random, mix: Mix) -> list[str]:
+    """The peer solutions a debate example shows, operands swapped as ``mix.swap`` says."""
+    texts = peer_solutions(problem, rng, mix.agents, mix.peer_accuracy)
+    return [swap_operands(t, rng, mix.swap) for t in texts] if mix.swap else texts
+
+
 DRILL_PROMPT = "Work out each line."
 
 
@@ -215,19 +221,14 @@ def build_examples(tokenizer, problems: Sequence[Problem], seed: int, mix: Mix =
     examples = []
     for problem in problems:
         kind = mix.draw(rng)
-
-        def peers() -> list[str]:
-            texts = peer_solutions(problem, rng, mix.agents, mix.peer_accuracy)
-            return [swap_operands(t, rng, mix.swap) for t in texts] if mix.swap else texts
-
         if kind == "round1":
             prompt = builder.first_round(problem)
         elif kind == "shared":
-            prompt = builder.shared_round(problem, peers())[rng.randrange(mix.agents)]
+            prompt = builder.shared_round(problem, _peers(problem, rng, mix))[rng.randrange(mix.agents)]
         elif kind == "classic":
-            prompt = builder.classic_round(problem, [peers()], rng.randrange(mix.agents))
+            prompt = builder.classic_round(problem, [_peers(problem, rng, mix)], rng.randrange(mix.agents))
         elif kind == "aggregator":
-            prompt = builder.aggregator(problem, peers())
+            prompt = builder.aggregator(problem, _peers(problem, rng, mix))
         else:
             picks = [problems[rng.randrange(len(problems))] for _ in range(mix.drill_lines)]
             lines = [step for p in picks for step in parse_steps(p.meta["solution"])]

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import random
 import time
-from pathlib import Path
 
 from arkfast.tasks import ArithConfig, ArithTask, arith_problems
 from arkfast.train import PackedRow, TrainConfig, new_model, pack_rows, train
@@ -29,7 +28,6 @@ from arkfast.train import PackedRow, TrainConfig, new_model, pack_rows, train
 from . import tiny_model_path
 from .data import Mix, build_examples, tokenizer_corpus
 from .tokenizer import DEFAULT_VOCAB_SIZE, build_tokenizer, tokenizer_files
-
 
 # The training problems: the numbers of the default test split (ArithConfig's defaults) with 1 to 5
 # steps; the default test split asks 4 or 5.
