@@ -199,6 +199,18 @@ def test_shipped_checkpoint_files():
 
 
 @shipped
+def test_shipped_tokenizer_is_what_train_tiny_builds():
+    """The first step of ``python -m arkfast.zoo.train_tiny`` with its defaults rebuilds the shipped
+    vocabulary and merges exactly (the rest of the run is covered by the reproducibility smoke test)."""
+    from arkfast.zoo.train_tiny import build_parser, make_tokenizer, training_problems
+
+    args = build_parser().parse_args([])
+    task, train_problems, _ = training_problems(args)
+    built = json.loads(make_tokenizer(args, task, train_problems).backend_tokenizer.to_str())
+    assert built == json.loads((TINY / "tokenizer.json").read_text())
+
+
+@shipped
 def test_shipped_checkpoint_matches_transformers():
     from transformers import AutoModelForCausalLM
 

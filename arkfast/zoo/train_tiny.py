@@ -34,6 +34,11 @@ from .tokenizer import DEFAULT_VOCAB_SIZE, build_tokenizer, tokenizer_files
 TRAIN_ARITH = ArithConfig(min_steps=1, max_steps=5)
 
 
+# The texts the BPE merges are learned from: every prompt kind, in fixed shares, whatever the training
+# mix flags say (the vocabulary of the shipped model came from this corpus).
+TOKENIZER_CORPUS_MIX = Mix(round1=0.5, shared=0.4, classic=0.05, aggregator=0.05)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m arkfast.zoo.train_tiny",
                                 description="Train the tiny embedded arith model from scratch and write an "
@@ -138,6 +143,22 @@ def make_rows(tokenizer, problems: list, n_rows: int, mix: Mix, seed: int, task:
     return rows[:n_rows]
 
 
+def training_problems(args: argparse.Namespace) -> tuple[ArithTask, list, list]:
+    """``(task, train problems, eval problems)``: the arith train split at the flags' difficulty,
+    shuffled by the seed; the eval problems are the last ``--eval-problems``."""
+    arith = ArithConfig(min_steps=args.min_steps, max_steps=args.max_steps, max_operand=args.max_operand,
+                        max_factor=args.max_factor, max_value=args.max_value)
+    problems = arith_problems("train", args.train_problems + args.eval_problems, arith)
+    random.Random(args.seed).shuffle(problems)
+    return ArithTask(arith), problems[:args.train_problems], problems[args.train_problems:]
+
+
+def make_tokenizer(args: argparse.Namespace, task: ArithTask, train_problems: list):
+    """The run's tokenizer: BPE merges learned on the prompts of the first 5000 train problems."""
+    corpus = tokenizer_corpus(train_problems[:5000], args.seed, TOKENIZER_CORPUS_MIX, task)
+    return build_tokenizer(corpus, args.vocab_size)
+
+
 def _log(line: str) -> None:
     print(line, flush=True)  # progress shows up live when stdout is a file
 
@@ -148,14 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     mix = Mix(round1=args.round1, shared=args.shared, classic=args.classic, aggregator=args.aggregator,
               drill=args.drill, swap=args.swap,
               peer_accuracy=tuple(args.peer_accuracy))
-    arith = ArithConfig(min_steps=args.min_steps, max_steps=args.max_steps, max_operand=args.max_operand,
-                        max_factor=args.max_factor, max_value=args.max_value)
-    task = ArithTask(arith)
-    problems = arith_problems("train", args.train_problems + args.eval_problems, arith)
-    random.Random(args.seed).shuffle(problems)
-    train_problems, eval_problems = problems[:args.train_problems], problems[args.train_problems:]
-
-    tokenizer = build_tokenizer(tokenizer_corpus(train_problems[:5000], args.seed, task=task), args.vocab_size)
+    task, train_problems, eval_problems = training_problems(args)
+    tokenizer = make_tokenizer(args, task, train_problems)
     # One row per step and batch slot, each seen once: the round-1 phase's rows, then the mix's, each
     # phase in a seeded random order.
     if not 0.0 <= args.round1_fraction <= 1.0:
