@@ -186,6 +186,7 @@ def train(model: DecoderModel, train_rows: Sequence[PackedRow], cfg: TrainConfig
             save_checkpoint(model, cfg.output_dir, tokenizer=tokenizer, extra_files=extra_files)
             log(f"step {step}: saved {cfg.output_dir}")
 
+    last = cfg.stop_after or cfg.steps  # the final step evaluates and saves after the loop
     step = 0
     for step in range(cfg.steps):
         rows = [train_rows[next(order)] for _ in range(cfg.batch_rows)]
@@ -208,10 +209,10 @@ def train(model: DecoderModel, train_rows: Sequence[PackedRow], cfg: TrainConfig
             losses.append((done, float(step_loss)))
             log(f"step {done}/{cfg.steps}  loss {losses[-1][1]:.4f}  lr {learning_rate(step, cfg):.2e}  "
                 f"{time.perf_counter() - start:.0f}s")
-        if eval_rows and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+        if eval_rows and cfg.eval_every and done % cfg.eval_every == 0 and done != last:
             evals.append((done, evaluate(model, eval_rows, device)))
             log(f"step {done}: eval loss {evals[-1][1]:.4f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+        if cfg.save_every and done % cfg.save_every == 0 and done != last:
             save(done)
         if cfg.stop_after is not None and done >= cfg.stop_after:
             stopped_early = done < cfg.steps
