@@ -1,0 +1,335 @@
+"""arkfast.trajectories: step segmentation, step -> token ranges, the record schema, the R-SFT / DA / PAD
+selection rules and the CLI.
+
+References are independent: plain-Python segmenters written line by line, a per-token ownership scan,
+and the tokenizer's own decode of each range.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from arkfast.trajectories import (
+    TrajectoryFileError,
+    chat_prompt_ids,
+    default_step_mode,
+    encode_response,
+    merge_tokenless_steps,
+    read_trajectories,
+    segment_steps,
+    tokenizer_fingerprint,
+    write_trajectories,
+)
+from model_fixtures import build_tiny_tokenizer
+
+TRICKY = [
+    "7 + 5 = 12\n12 - 3 = 9\nAnswer: 9",
+    "\n\n  café 😀 naïve\n中文の step\n\n\n",
+    "no newline at all",
+    "",
+    "   \n \n\t\n",
+    "first\r\nsecond \n\n\nthird\n",
+    "Step 1: add 🙂🙂\n\nStep 2: 中 + 文 = 中文\n   \nAnswer: 42",
+    "trailing\n",
+    "\nleading",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    """The shipped tiny model's tokenizer (character-level pieces, a few merged tokens like
+    ``"\\nAnswer: "``; unknown characters map to ``<unk>``)."""
+    from transformers import AutoTokenizer
+
+    from arkfast.generate import default_model_path
+
+    return AutoTokenizer.from_pretrained(str(default_model_path()))
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    """A byte-level BPE tokenizer: multi-byte characters split into several tokens with one offset."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("bpe"))))
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def ref_lines(text):
+    """One step per line, by hand: walk the lines, strip each, keep the non-empty ones."""
+    out, pos = [], 0
+    for line in text.split("\n"):
+        s, e = pos, pos + len(line)
+        while s < e and text[s].isspace():
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if e > s:
+            out.append((s, e))
+        pos += len(line) + 1
+    return out
+
+
+def ref_paragraphs(text):
+    """Blank-line separated paragraphs, by hand: group consecutive non-blank lines."""
+    out, pos, cur = [], 0, None
+    for line in text.split("\n"):
+        if line.strip():
+            s = pos + (len(line) - len(line.lstrip()))
+            e = pos + len(line.rstrip())
+            cur = (s, e) if cur is None else (cur[0], e)
+        elif cur is not None:
+            out.append(cur)
+            cur = None
+        pos += len(line) + 1
+    if cur is not None:
+        out.append(cur)
+    return out
+
+
+def random_text(rng, n):
+    alphabet = list("ab c1=+\n\n ") + ["é", "😀", "中", "\t", " \n"]
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_segment_line_and_paragraph_match_reference(text):
+    assert segment_steps(text, "line") == ref_lines(text)
+    assert segment_steps(text, "paragraph") == ref_paragraphs(text)
+
+
+def test_segment_random_texts_match_reference():
+    rng = random.Random(11)
+    for n in [0, 1, 2, 17, 64, 423]:
+        for _ in range(20):
+            text = random_text(rng, n)
+            assert segment_steps(text, "line") == ref_lines(text), repr(text)
+            assert segment_steps(text, "paragraph") == ref_paragraphs(text), repr(text)
+
+
+def test_segment_examples_and_multibyte_offsets_are_characters():
+    text = "café 😀\n中文 step\n\nAnswer: 9"
+    steps = segment_steps(text, "line")
+    assert [text[s:e] for s, e in steps] == ["café 😀", "中文 step", "Answer: 9"]
+    assert steps == [(0, 6), (7, 14), (16, 25)]  # str indices: é, 😀 and 中 are one character each
+    assert [text[s:e] for s, e in segment_steps(text, "paragraph")] == ["café 😀\n中文 step", "Answer: 9"]
+    assert segment_steps("no newline", "line") == [(0, 10)]
+    assert segment_steps("\n\n", "line") == [] and segment_steps("", "paragraph") == []
+
+
+def test_segment_regex_mode():
+    text = "Step 1: a\nmore\nStep 2: b\n\nStep 3: c"
+    steps = segment_steps(text, r"regex:\n(?=Step \d)")  # zero-width cut before each Step line
+    assert [text[s:e] for s, e in steps] == ["Step 1: a\nmore", "Step 2: b", "Step 3: c"]
+    steps = segment_steps("a; b;; ;c", "regex:;")
+    assert [(s, e) for s, e in steps] == [(0, 1), (3, 4), (8, 9)]
+    for bad in ["regex:", "regex:(", "lines", "", "para"]:
+        with pytest.raises(ValueError, match="step mode"):
+            segment_steps("x", bad)
+
+
+def test_default_step_mode():
+    assert default_step_mode("arith") == "line"
+    assert default_step_mode("gsm8k") == "paragraph"
+    assert default_step_mode("math") == "paragraph"
+    assert default_step_mode("choice") == "paragraph"
+
+
+# ---------------------------------------------------------------- token ranges
+
+
+def ref_owners(tokenizer, text, steps):
+    """Per token, by a linear scan: the last step whose start is <= the token's first character."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    owners = []
+    for a, _ in enc["offset_mapping"]:
+        k = 0
+        for j, (s, _) in enumerate(steps):
+            if s <= a:
+                k = j
+        owners.append(k)
+    return enc["input_ids"], owners
+
+
+@pytest.mark.parametrize("tok_name", ["tiny_tok", "bpe_tok"])
+@pytest.mark.parametrize("mode", ["line", "paragraph", r"regex:\n(?=Step)", "regex: "])
+def test_token_ranges_follow_first_character_rule(request, tok_name, mode):
+    tok = request.getfixturevalue(tok_name)
+    rng = random.Random(5)
+    texts = TRICKY + [random_text(rng, n) for n in (1, 17, 64, 150) for _ in range(5)]
+    for text in texts:
+        steps = merge_tokenless_steps(tok, text, segment_steps(text, mode))
+        ids, ranges = encode_response(tok, text, steps)
+        ref_ids, owners = ref_owners(tok, text, steps)
+        assert ids == list(ref_ids)
+        assert len(ranges) == len(steps)
+        got = [None] * len(ids)
+        for k, (t0, t1) in enumerate(ranges):
+            assert t1 > t0, (text, k)  # every step owns a token: its last one is where the PRM reads
+            got[t0:t1] = [k] * (t1 - t0)
+        assert got == owners or not steps, repr(text)
+        if ranges:
+            assert ranges[0][0] == 0 and ranges[-1][1] == len(ids)  # the ranges tile the response
+        if tok_name == "bpe_tok":  # lossless byte-level: the ranges decode back to the response
+            assert "".join(tok.decode(ids[t0:t1]) for t0, t1 in ranges) == (text if steps else "")
+
+
+def test_token_ranges_multibyte_and_separator(bpe_tok):
+    text = "é😀\n中 x"
+    steps = segment_steps(text, "line")
+    ids, ranges = encode_response(bpe_tok, text, steps)
+    pieces = [bpe_tok.decode(ids[a:b]) for a, b in ranges]
+    # 😀 is 4 byte-tokens sharing one character offset: all go to step 0, as does the "\n" after it
+    assert pieces == ["é😀\n", "中 x"]
+    assert ranges[0][1] - ranges[0][0] >= 1 + 4  # the emoji's bytes did not split across steps
+
+
+def test_boundary_inside_a_token(tiny_tok):
+    # the tiny tokenizer has one token "\nAnswer: ": it starts in step 0's gap, so it belongs to step 0
+    text = "12 - 3 = 9\nAnswer: 9"
+    ids, ranges = encode_response(tiny_tok, text, segment_steps(text, "line"))
+    assert [tiny_tok.decode(ids[a:b]) for a, b in ranges] == ["12 - 3 = 9\nAnswer: ", "9"]
+    # "wer" lies wholly inside that token: it owns none, is refused, and merge folds it into step 0
+    steps = segment_steps(text, "regex:s|:")
+    assert [text[s:e] for s, e in steps] == ["12 - 3 = 9\nAn", "wer", "9"]
+    with pytest.raises(ValueError, match="step 1 .* owns no token"):
+        encode_response(tiny_tok, text, steps)
+    merged = merge_tokenless_steps(tiny_tok, text, steps)
+    assert [text[s:e] for s, e in merged] == ["12 - 3 = 9\nAnswer", "9"]
+    ids, ranges = encode_response(tiny_tok, text, merged)
+    assert [tiny_tok.decode(ids[a:b]) for a, b in ranges] == ["12 - 3 = 9\nAnswer: ", "9"]
+
+
+def test_encode_response_rejects_bad_spans(tiny_tok):
+    for steps in ([(0, 0)], [(3, 2)], [(0, 99)], [(4, 6), (0, 2)], [(0, 4), (3, 6)], [(-1, 2)]):
+        with pytest.raises(ValueError, match="step"):
+            encode_response(tiny_tok, "abcdef", steps)
+
+
+# ---------------------------------------------------------------- tokenizer identity and prompts
+
+
+def test_fingerprint_is_a_stable_content_hash(tiny_tok, bpe_tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from arkfast.generate import default_model_path
+
+    fp = tokenizer_fingerprint(tiny_tok)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fp)
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(default_model_path()))) == fp
+    tiny_tok("x" * 50, truncation=True, max_length=4)  # call-time truncation state does not count
+    assert tokenizer_fingerprint(tiny_tok) == fp
+    assert tokenizer_fingerprint(bpe_tok) != fp
+    tiny_tok.save_pretrained(tmp_path / "copy")  # same content in another folder: same fingerprint
+    copy = AutoTokenizer.from_pretrained(str(tmp_path / "copy"))
+    assert tokenizer_fingerprint(copy) == fp
+    copy.chat_template = copy.chat_template.replace("assistant", "bot")  # another template: another hash
+    assert tokenizer_fingerprint(copy) != fp
+
+
+def test_chat_prompt_ids_are_the_engines_round_one_prompt(tiny_tok):
+    from arkfast.debate import PromptBuilder, first_round_text
+    from arkfast.tasks import ArithTask, arith_problems
+
+    task = ArithTask()
+    problem = arith_problems("train", 3)[2]
+    messages = [{"role": "user", "content": first_round_text(task, problem)}]
+    ids = chat_prompt_ids(tiny_tok, messages)
+    assert ids == PromptBuilder(tiny_tok, task).first_round(problem)
+    assert tiny_tok.decode(ids).startswith("<|im_start|>user\n" + problem.question)
+    assert tiny_tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------- schema
+
+
+def make_record(**over):
+    rec = {"id": "p1/r1/a0", "problem_id": "p1", "task": "arith", "gold": "9", "answer": "9", "correct": True,
+           "source": {"round": 1, "agent": 0}, "prompt": [{"role": "user", "content": "q"}],
+           "response": "7 + 2 = 9\nAnswer: 9", "steps": [[0, 9], [10, 19]], "step_scores": None,
+           "tokenizer": "sha256:abc"}
+    rec.update(over)
+    return rec
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_write_and_read_round_trip(tmp_path):
+    recs = [make_record(), make_record(id="p1/r2/a3", source={"round": 2, "agent": 3},
+                                       step_scores=[0.25, 1], score_min=0.25, score_prod=0.25,
+                                       meta={"solution": "é"})]
+    path = tmp_path / "sub" / "t.jsonl"
+    write_trajectories(path, recs)
+    assert read_trajectories(path) == recs
+    assert read_trajectories(path, require_step_scores=False, tokenizer="sha256:abc") == recs
+    assert [p.name for p in path.parent.iterdir()] == ["t.jsonl"]  # no temp file left behind
+
+
+def test_write_is_atomic_on_a_bad_record(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_trajectories(path, [make_record()])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="record 1 .* field 'steps'"):
+        write_trajectories(path, [make_record(id="x"), make_record(id="y", steps=[[0, 99]])])
+    assert path.read_bytes() == before  # the old file survives whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+BAD_RECORDS = {
+    "missing field": (make_record(), "gold", r":1: field 'gold': missing"),
+    "ill-typed correct": (make_record(correct="yes"), None, r":1: field 'correct': expected true or false"),
+    "round 0": (make_record(source={"round": 0, "agent": 0}), None, r":1: field 'source'"),
+    "bool agent": (make_record(source={"round": 1, "agent": True}), None, r":1: field 'source'"),
+    "prompt not messages": (make_record(prompt="q"), None, r":1: field 'prompt'"),
+    "span out of range": (make_record(steps=[[0, 9], [10, 40]]), None, r":1: field 'steps': step 1"),
+    "overlapping spans": (make_record(steps=[[0, 9], [5, 12]]), None, r":1: field 'steps': step 1"),
+    "span not a pair": (make_record(steps=[[0, 9, 1]]), None, r":1: field 'steps'"),
+    "score count": (make_record(step_scores=[0.5]), None, r":1: field 'step_scores': 1 scores for 2"),
+    "score range": (make_record(step_scores=[0.5, 1.5]), None, r":1: field 'step_scores'"),
+    "answer type": (make_record(answer=9), None, r":1: field 'answer'"),
+    "meta type": (make_record(meta=[1]), None, r":1: field 'meta'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_read_errors_name_file_line_and_field(tmp_path, case):
+    rec, drop, pattern = BAD_RECORDS[case]
+    rec = dict(rec)
+    if drop:
+        del rec[drop]
+    path = write_lines(tmp_path / "t.jsonl", [json.dumps(rec)])
+    with pytest.raises(TrajectoryFileError, match=re.escape(str(path)) + pattern):
+        read_trajectories(path)
+
+
+def test_read_errors_file_level(tmp_path):
+    with pytest.raises(TrajectoryFileError, match="no such file"):
+        read_trajectories(tmp_path / "missing.jsonl")
+    empty = write_lines(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(TrajectoryFileError, match=re.escape(f"{empty}: empty file")):
+        read_trajectories(empty)
+    bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(make_record()), "", '{"id": "x",'])
+    with pytest.raises(TrajectoryFileError, match=re.escape(f"{bad}:3: malformed JSON")) as e:
+        read_trajectories(bad)
+    assert e.value.line == 3 and isinstance(e.value, ValueError)
+    dup = write_lines(tmp_path / "dup.jsonl", [json.dumps(make_record())] * 2)
+    with pytest.raises(TrajectoryFileError, match=r":2: field 'id': 'p1/r1/a0' repeats line 1"):
+        read_trajectories(dup)
+    unscored = write_lines(tmp_path / "u.jsonl", [json.dumps(make_record())])
+    with pytest.raises(TrajectoryFileError, match=r":1: field 'step_scores': null"):
+        read_trajectories(unscored, require_step_scores=True)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tok, bpe_tok):
+    path = write_lines(tmp_path / "t.jsonl", [json.dumps(make_record(tokenizer=tokenizer_fingerprint(tiny_tok)))])
+    assert len(read_trajectories(path, tokenizer=tiny_tok)) == 1
+    with pytest.raises(TrajectoryFileError, match=r":1: field 'tokenizer': made for tokenizer sha256:"):
+        read_trajectories(path, tokenizer=bpe_tok)
