@@ -333,3 +333,249 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tok, bpe_tok):
     assert len(read_trajectories(path, tokenizer=tiny_tok)) == 1
     with pytest.raises(TrajectoryFileError, match=r":1: field 'tokenizer': made for tokenizer sha256:"):
         read_trajectories(path, tokenizer=bpe_tok)
+
+
+# ---------------------------------------------------------------- selection rules
+
+
+def turn(agent, text, answer="9", correct=None, finish="stop", gold="9"):
+    return {"agent": agent, "text": text, "answer": answer,
+            "correct": (answer == gold) if correct is None else correct, "finish_reason": finish}
+
+
+def debate(pid, rounds, final="9", gold="9", error=None, **extra):
+    from arkfast.tasks import ArithTask
+
+    correct = error is None and ArithTask().grade(final, _problem(pid, gold))
+    return {"id": pid, "question": f"Tom has 7 apples ({pid}). He buys 2 more. How many apples?", "gold": gold,
+            "meta": {"solution": "7 + 2 = 9\nAnswer: 9"}, "task": "arith", "rounds": rounds,
+            "final_answer": final, "correct": correct, "aggregator": None, "error": error, **extra}
+
+
+def _problem(pid, gold):
+    from arkfast.tasks import Problem
+
+    return Problem(pid, "q", gold)
+
+
+def sol(value, extra=""):
+    return f"7 + 2 = {value}{extra}\nAnswer: {value}"
+
+
+def build(records, tok, **cfg):
+    from arkfast.trajectories.build import BuildConfig, build_sets
+
+    return build_sets([(f"mem:{i + 1}", r) for i, r in enumerate(records)], tok, BuildConfig(**cfg))
+
+
+def test_rsft_takes_a_final_round_consensus_holder(tiny_tok):
+    right = debate("p-right", [[turn(0, sol(9)), turn(1, sol(8), "8"), turn(2, sol(9, " "))],
+                               [turn(0, sol(8), "8"), turn(1, sol(9)), turn(2, sol(8), "8")]])
+    wrong = debate("p-wrong", [[turn(0, sol(9)), turn(1, sol(8), "8")], [turn(0, sol(8), "8"), turn(1, sol(8), "8")]],
+                   final="8")
+    sets, counts = build([right, wrong], tiny_tok)
+    # the only final-round agent holding the right consensus is agent 1 (round 1's right answers do not count)
+    assert [r["id"] for r in sets["rsft"]] == ["p-right/r2/a1"]
+    assert counts["committee_correct"] == 1 and counts["committee_wrong"] == 1
+    # the committee got p-wrong wrong: no R-SFT record, but its one correct trajectory is in DA and PAD
+    assert [r["id"] for r in sets["da"] if r["problem_id"] == "p-wrong"] == ["p-wrong/r1/a0"]
+    # ... and its three identical wrong ones are one PAD record, a final-round copy
+    pad = sorted((r for r in sets["pad"] if r["problem_id"] == "p-wrong"), key=lambda r: r["correct"])
+    assert [(r["correct"], r["source"]["round"]) for r in pad] == [(False, 2), (True, 1)]
+    # right but no holder: every final-round turn of the right answer was cut off at max_tokens
+    cut = debate("p-cut", [[turn(0, sol(9))], [turn(0, sol(9), finish="length")]])
+    sets, counts = build([cut], tiny_tok)
+    assert sets["rsft"] == [] and counts["rsft_no_candidate"] == 1 and counts["skipped.truncated"] == 1
+
+
+def test_rsft_tie_rule_is_a_seeded_agent_shuffle(tiny_tok):
+    records = [debate(f"p{i}", [[turn(a, sol(9, " " * a)) for a in range(5)]] * 2) for i in range(40)]
+    picks = {seed: [r["source"]["agent"] for r in build(records, tiny_tok, seed=seed)[0]["rsft"]] for seed in (0, 1)}
+    assert picks[0] == [r["source"]["agent"] for r in build(records, tiny_tok, seed=0)[0]["rsft"]]  # deterministic
+    assert len(set(picks[0])) >= 4  # not always the lowest-numbered agent
+    assert picks[0] != picks[1]  # the seed decides
+    assert all(r["source"]["round"] == 2 for r in build(records, tiny_tok)[0]["rsft"])
+
+
+def test_da_and_pad_dedup_caps_and_preference(tiny_tok):
+    r1 = [turn(a, sol(9, " +0" * a)) for a in range(3)] + [turn(3, sol(5), "5"), turn(4, sol(6), "6")]
+    r2 = [turn(0, sol(9, " +0")), turn(1, sol(9, "  \n")), turn(2, sol(9, " +0" * 5)),
+          turn(3, sol(9, " +0" * 6)), turn(4, sol(7), "7")]
+    sets, counts = build([debate("p", [r1, r2])], tiny_tok, max_per_problem=3)
+    da = sets["da"]
+    # 7 correct candidates; normalised texts: r2 holds 4 distinct ones ("+0", "" (whitespace), "+0"x5, "+0"x6),
+    # r1 repeats "" and "+0" and adds "+0 +0": kept are 3 from round 2 (final round first), none from round 1;
+    # 2 repeats, and 5 distinct texts - 3 kept = 2 over the cap
+    assert len(da) == 3 and all(r["source"]["round"] == 2 for r in da)
+    assert counts["da.duplicate"] == 2 and counts["da.over_cap"] == 2
+    assert len({" ".join(r["response"].split()) for r in da}) == 3
+    pad = sets["pad"]
+    assert sum(r["correct"] for r in pad) == 3 and sum(not r["correct"] for r in pad) == 3  # cap per class
+    assert {r["answer"] for r in pad if not r["correct"]} == {"5", "6", "7"}
+    assert counts["pad.duplicate"] == 2 and counts["pad.over_cap"] == 2  # the wrong 5, 6, 7 fit the cap
+    # a whitespace-only difference is a duplicate; the final-round copy is the one kept
+    dup = debate("d", [[turn(0, "7 + 2 = 9\nAnswer: 9")], [turn(0, "7 +  2 = 9 \n\nAnswer: 9")]])
+    sets, counts = build([dup], tiny_tok)
+    assert [r["id"] for r in sets["da"]] == ["d/r2/a0"] and counts["da.duplicate"] == 1
+
+
+def test_skipped_candidates_are_counted_by_reason(tiny_tok):
+    records = [
+        debate("e", [[turn(0, sol(9)), turn(1, sol(9))]], error="engine: out of memory"),
+        debate("s", [[turn(0, sol(9), finish="length"), turn(1, "7 + 2 =", answer=None),
+                      turn(2, sol(9), finish="abort"), turn(3, sol(9))]],
+               aggregator={"text": "Solution 4 is right. Answer: 9", "answer": "9"}),
+    ]
+    sets, counts = build(records, tiny_tok)
+    assert {k: counts[f"skipped.{k}"] for k in ("error", "truncated", "no_answer", "unfinished", "aggregator")} \
+        == {"error": 2, "truncated": 1, "no_answer": 1, "unfinished": 1, "aggregator": 1}
+    assert counts["candidates"] == 7 and counts["usable"] == 1 and counts["problems_with_error"] == 1
+    assert [r["id"] for r in sets["pad"]] == ["s/r1/a3"] and [r["id"] for r in sets["rsft"]] == ["s/r1/a3"]
+
+
+def test_records_are_round_one_prompts_with_token_aligned_steps(tiny_tok, tmp_path):
+    from arkfast.debate import first_round_text
+    from arkfast.tasks import ArithTask, Problem
+
+    rec = debate("p", [[turn(0, sol(9)), turn(1, sol(8), "8")], [turn(0, sol(9, "\n\n")), turn(1, sol(9, " "))]])
+    sets, counts = build([rec], tiny_tok)
+    prompt = [{"role": "user", "content": first_round_text(ArithTask(), Problem("p", rec["question"], "9"))}]
+    fp = tokenizer_fingerprint(tiny_tok)
+    for name, records in sets.items():
+        write_trajectories(tmp_path / f"{name}.jsonl", records)
+        for r in read_trajectories(tmp_path / f"{name}.jsonl", tokenizer=tiny_tok):
+            assert r["prompt"] == prompt  # a round-2 answer is re-targeted to the single-agent prompt
+            assert r["tokenizer"] == fp and r["step_scores"] is None and r["meta"] == rec["meta"]
+            assert [r["response"][s:e] for s, e in r["steps"]] == [ln.strip() for ln in r["response"].split("\n")
+                                                                     if ln.strip()]
+            _, ranges = encode_response(tiny_tok, r["response"], r["steps"])
+            assert all(t1 > t0 for t0, t1 in ranges)
+    assert any(r["source"]["round"] == 2 for r in sets["da"])
+    # accounting: every candidate is usable or skipped; every usable correct one is kept, a duplicate or over cap
+    usable_correct = 3
+    assert counts["candidates"] == counts["usable"] + sum(v for k, v in counts.items() if k.startswith("skipped."))
+    assert len(sets["da"]) + counts["da.duplicate"] + counts["da.over_cap"] == usable_correct
+    assert len(sets["pad"]) + counts["pad.duplicate"] + counts["pad.over_cap"] == counts["usable"]
+
+
+def test_step_mode_flag_overrides_the_task_default(tiny_tok):
+    text = "7 + 2 = 9\nso 9\n\nAnswer: 9"
+    sets, _ = build([debate("p", [[turn(0, text)]])], tiny_tok, step_mode="paragraph")
+    r = sets["rsft"][0]
+    assert [r["response"][s:e] for s, e in r["steps"]] == ["7 + 2 = 9\nso 9", "Answer: 9"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def write_debates(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+    return path
+
+
+def test_cli_errors_name_file_line_and_field(tmp_path):
+    from arkfast.trajectories.__main__ import main
+
+    good = debate("p", [[turn(0, sol(9))]])
+    with pytest.raises(ValueError, match="no such debates file"):
+        main(["--debates", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")])
+    empty = write_debates(tmp_path / "empty.jsonl", [], tail="\n")
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: empty file")):
+        main(["--debates", str(empty)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:3: malformed record")):
+        main(["--debates", str(bad)])
+    broken = debate("q", [[turn(0, sol(9)), turn(1, sol(9))]])
+    del broken["rounds"][0][1]["text"]
+    path = tmp_path / "field.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(broken) + "\n")  # a blank line 2 still counts
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: field 'rounds[0][1].text': missing")):
+        main(["--debates", str(path)])
+    path = write_debates(tmp_path / "type.jsonl", [dict(good, correct="yes")])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: field 'correct': expected true or false")):
+        main(["--debates", str(path)])
+    path = write_debates(tmp_path / "task.jsonl", [dict(good, task="chess")])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: field 'task': unknown task 'chess'")):
+        main(["--debates", str(path)])
+    a, b = write_debates(tmp_path / "a.jsonl", [good]), write_debates(tmp_path / "b.jsonl", [good])
+    with pytest.raises(ValueError, match=re.escape(f"{b}:1: field 'id': problem 'p' was already read at {a}:1")):
+        main(["--debates", str(a), str(b)])
+    with pytest.raises(SystemExit):
+        main(["--debates", str(a), "--steps", "regex:("])
+    with pytest.raises(SystemExit):
+        main(["--debates", str(a), "--max-per-problem", "0"])
+
+
+def test_cli_reports_an_incomplete_last_line(tmp_path, capsys):
+    from arkfast.trajectories.__main__ import main
+
+    path = write_debates(tmp_path / "d.jsonl", [debate("p", [[turn(0, sol(9))]])], tail='{"id": "cut')
+    stats = main(["--debates", str(path), "--output", str(tmp_path / "o")])
+    assert stats["incomplete_lines"] == 1 and stats["problems"]["total"] == 1
+    assert "incomplete last lines" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "arkfast.trajectories", "--debates", str(tmp_path / "x.jsonl")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.jsonl'}: no such debates file"]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """Four real debates of the tiny model on the arith train split (5 agents x 2 rounds)."""
+    from arkfast import generate
+
+    out = tmp_path_factory.mktemp("debates")
+    generate.main(["--split", "train", "--limit", "4", "--output", str(out)])
+    return out
+
+
+def test_cli_end_to_end_on_generated_debates(generated, tiny_tok, tmp_path, monkeypatch):
+    from arkfast.generate import read_records
+    from arkfast.trajectories.__main__ import main
+
+    debates = read_records(generated / "debates.jsonl")
+    stats = main(["--debates", str(generated / "debates.jsonl")])
+    out = generated / "trajectories"  # default: beside the debates file
+    assert json.loads((out / "stats.json").read_text()) == json.loads(json.dumps(stats))
+    turns = [(r, t) for d in debates for r, ts in enumerate(d["rounds"]) for t in ts]
+    assert stats["candidates"]["total"] == len(turns) == 4 * 5 * 2
+    assert stats["problems"]["committee_correct"] == sum(d["correct"] for d in debates)
+    usable = [t for _, t in turns if t["finish_reason"] == "stop" and t["answer"] is not None]
+    assert stats["candidates"]["usable"] == len(usable)
+    sets = {name: read_trajectories(out / f"{name}.jsonl", tokenizer=tiny_tok) if stats["sets"][name]["records"]
+            else [] for name in ("rsft", "da", "pad")}
+    assert len(sets["rsft"]) == stats["problems"]["committee_correct"] - stats["problems"]["rsft_no_candidate"]
+    by_id = {d["id"]: d for d in debates}
+    for r in sets["rsft"]:
+        d = by_id[r["problem_id"]]
+        t = d["rounds"][r["source"]["round"] - 1][r["source"]["agent"]]
+        assert r["source"]["round"] == len(d["rounds"]) and t["correct"] and t["text"] == r["response"]
+    n_correct = sum(t["correct"] for t in usable)
+    assert stats["sets"]["da"]["records"] + stats["sets"]["da"]["duplicate"] + stats["sets"]["da"]["over_cap"] \
+        == n_correct
+    assert stats["sets"]["pad"]["records"] + stats["sets"]["pad"]["duplicate"] + stats["sets"]["pad"]["over_cap"] \
+        == len(usable)
+    for r in sets["pad"]:  # every step's text is one line of the response
+        assert all("\n" not in r["response"][s:e] for s, e in r["steps"])
+    # deterministic: a rebuild writes the same bytes; a cap of 1 keeps one DA record per problem
+    before = {name: (out / f"{name}.jsonl").read_bytes() for name in ("rsft", "da", "pad")}
+    main(["--debates", str(generated / "debates.jsonl")])
+    assert before == {name: (out / f"{name}.jsonl").read_bytes() for name in ("rsft", "da", "pad")}
+    capped = main(["--debates", str(generated / "debates.jsonl"), "--output", str(tmp_path / "c"),
+                   "--max-per-problem", "1"])
+    assert capped["sets"]["da"]["records"] == capped["sets"]["da"]["problems"] <= 4
+    # with no arguments: the default debates (here already finished) and runs/arith-train/trajectories
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "runs" / "arith-train" / "debates"
+    default.mkdir(parents=True)
+    for name in ("debates.jsonl", "summary.json"):
+        (default / name).write_bytes((generated / name).read_bytes())
+    assert main([])["sets"] == stats["sets"]
+    assert (tmp_path / "runs" / "arith-train" / "trajectories" / "rsft.jsonl").read_bytes() == before["rsft"]
