@@ -10,16 +10,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from arkfast.models import DecoderModel, save_model
 
 
 def save_checkpoint(model: DecoderModel, path: str | Path, *, tokenizer=None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (config.json + model.safetensors via :func:`arkfast.models.save_model`), the
     ``tokenizer`` (``save_pretrained``: tokenizer.json, tokenizer_config.json) and ``extra_files``
-    (file name → text, e.g. ``generation_config.json``) to ``path``, atomically. Returns ``path``."""
+    (file name → text, e.g. ``generation_config.json``) to ``path``, atomically. ``write_extra(dir)``
+    may add more files (an optimiser state) to the folder before it is swapped in. Every file is
+    fsync'd before the swap, so the swap never publishes a folder whose data a power cut could lose.
+    Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -31,6 +36,12 @@ def save_checkpoint(model: DecoderModel, path: str | Path, *, tokenizer=None,
             if os.sep in name or name.startswith("."):
                 raise ValueError(f"extra file name {name!r} must be a plain file name")
             (tmp / name).write_text(text)
+        if write_extra is not None:
+            write_extra(tmp)
+        for file in tmp.iterdir():
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         old = None
         if path.exists():

@@ -1,0 +1,158 @@
+"""``python -m arkfast.distill``: distill trajectories into one student model.
+
+    python -m arkfast.distill                              # tiny model, rsft on runs/arith-train (made if missing)
+    python -m arkfast.distill --mode da --data runs/x/trajectories/da.jsonl --output runs/x/distill/da
+    python -m arkfast.distill --mode pad --pad-weighting advantage --eval-every 50
+    python -m arkfast.distill --config distill.yaml --lr 1e-4   # flags override the file's keys
+    python -m arkfast.distill --output runs/x/distill/rsft --resume   # continue a killed run
+
+``main(argv)`` returns the result dict (also in ``<output>/summary.json``), so a driver can call it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .config import MODES, PRECISIONS, DistillConfig, load_config_file
+from .weights import PAD_WEIGHTINGS
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+_D = DistillConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS  # a flag not given leaves the config file's value (or the default) alone
+    p = argparse.ArgumentParser(
+        prog="python -m arkfast.distill",
+        description="Distill R-SFT / DA / PAD trajectories into a single student model: packed rows, the "
+                    "fused token-weighted loss, AdamW; writes a Hugging Face checkpoint, metrics.jsonl, "
+                    "loss.png and resumable checkpoints.")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="JSON or YAML (PyYAML) file whose keys are these flags' names (row_tokens or "
+                        "row-tokens); flags on the command line override it")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", metavar="FILE", nargs="+", default=S,
+                   help="trajectory .jsonl files (default: runs/arith-train/trajectories/<mode>.jsonl, made "
+                        "first when missing; for pad runs/arith-train/prm/scored/pad.jsonl)")
+    g.add_argument("--mode", choices=MODES, default=S,
+                   help=f"rsft / da: every response token weight 1; pad: weights from the step scores "
+                        f"(default: {_D.mode})")
+    g.add_argument("--pad-weighting", choices=PAD_WEIGHTINGS, default=S,
+                   help="pad: score = the step's score; advantage = step score minus the problem's mean "
+                        "trajectory score (min over steps), clipped to [-pad-clip, pad-clip]; min = the "
+                        f"minimum score of the steps so far (PURE) (default: {_D.pad_weighting})")
+    g.add_argument("--pad-clip", type=float, metavar="C", default=S,
+                   help=f"bound of the advantage weights (default: {_D.pad_clip})")
+    g.add_argument("--model", metavar="DIR", default=S,
+                   help="base Hugging Face checkpoint (default: the embedded tiny model arkfast/zoo/tiny)")
+    g.add_argument("--output", metavar="DIR", default=S,
+                   help="output folder (default: runs/arith-train/distill/<mode>)")
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue the run in --output from its newest checkpoint (model, optimiser, "
+                        "schedule, data position, RNG); a finished run is reused")
+
+    g = p.add_argument_group("schedule and optimisation")
+    g.add_argument("--epochs", type=float, metavar="E", default=S,
+                   help=f"passes over the packed rows; sets the step count (default: {_D.epochs})")
+    g.add_argument("--steps", type=int, metavar="N", default=S,
+                   help="optimiser steps of the schedule, instead of --epochs")
+    g.add_argument("--stop-after", type=int, metavar="N", default=S,
+                   help="end after the first N steps of the schedule (saved, resumable: the rest of the "
+                        "same run follows with --resume)")
+    g.add_argument("--row-tokens", type=int, metavar="T", default=S,
+                   help=f"tokens per packed row (default: {_D.row_tokens})")
+    g.add_argument("--batch-rows", type=int, metavar="R", default=S,
+                   help=f"packed rows per optimiser step (default: {_D.batch_rows})")
+    g.add_argument("--micro-batch-rows", type=int, metavar="R", default=S,
+                   help="rows per forward/backward; batch-rows / micro-batch-rows micro-batches are "
+                        f"accumulated, the loss normalised over the whole step (default: {_D.micro_batch_rows})")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {_D.lr})")
+    g.add_argument("--min-lr-ratio", type=float, default=S,
+                   help=f"cosine floor as a fraction of --lr (default: {_D.min_lr_ratio})")
+    g.add_argument("--warmup-ratio", type=float, default=S,
+                   help=f"linear warm-up over this fraction of the steps (default: {_D.warmup_ratio})")
+    g.add_argument("--weight-decay", type=float, default=S,
+                   help=f"AdamW weight decay on matrices (default: {_D.weight_decay})")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), default=S,
+                   help=f"AdamW betas (default: {_D.betas[0]} {_D.betas[1]})")
+    g.add_argument("--eps", type=float, default=S, help=f"AdamW epsilon (default: {_D.eps})")
+    g.add_argument("--grad-clip", type=float, default=S,
+                   help=f"clip the global gradient norm to this, 0: off (default: {_D.grad_clip})")
+    g.add_argument("--seed", type=int, default=S, help=f"seed of the row order (default: {_D.seed})")
+    g.add_argument("--precision", choices=PRECISIONS, default=S,
+                   help="fp32, or bf16 weights with fp32 master weights (default: bf16 on CUDA, else fp32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=S,
+                   help="recompute each layer's activations in the backward (less memory; default: off)")
+    g.add_argument("--device", default=S, help="cuda, cuda:1, cpu (default: cuda when present)")
+    g.add_argument("--threads", type=int, default=S,
+                   help="torch CPU threads for the run (default: torch's; runs are bit-reproducible for a "
+                        "given thread count)")
+
+    g = p.add_argument_group("checkpoints, eval and logs")
+    g.add_argument("--save-every", type=int, metavar="N", default=S,
+                   help=f"steps between resumable checkpoints, 0: only at the end (default: {_D.save_every})")
+    g.add_argument("--keep-checkpoints", type=int, metavar="K", default=S,
+                   help=f"newest checkpoints kept (default: {_D.keep_checkpoints})")
+    g.add_argument("--eval-every", type=int, metavar="N", default=S,
+                   help="steps between evaluations of the student alone on the held-out split, 0: only at "
+                        f"the end (default: {_D.eval_every})")
+    g.add_argument("--eval-limit", type=int, metavar="N", default=S,
+                   help=f"held-out problems per evaluation, 0: no evaluation (default: {_D.eval_limit})")
+    g.add_argument("--eval-at-start", action="store_true", default=S,
+                   help="also evaluate the base model before the first step")
+    g.add_argument("--eval-temperature", type=float, metavar="T", default=S,
+                   help=f"sampling temperature of the evaluation, 0: greedy (default: {_D.eval_temperature}, "
+                        "generate's)")
+    g.add_argument("--eval-seed", type=int, default=S, help=f"sampling seed of the evaluation (default: {_D.eval_seed})")
+    g.add_argument("--eval-dataset", metavar="PATH_OR_NAME", default=S,
+                   help="held-out dataset as generate's --dataset (default: the built-in arith task)")
+    g.add_argument("--eval-split", default=S, help=f"held-out split (default: {_D.eval_split})")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
+                   help="no TensorBoard events (default: written when tensorboard is installed)")
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
+                   help="no loss.png (default: drawn when matplotlib is installed)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="no progress bar")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> DistillConfig:
+    """The :class:`DistillConfig` of ``argv``: the ``--config`` file's settings, then the flags given."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    settings: dict[str, Any] = load_config_file(path) if path is not None else {}
+    settings.update(args)  # only flags actually given are in args (default=SUPPRESS)
+    try:
+        return DistillConfig(**settings)
+    except TypeError as e:  # a config-file value of the wrong kind reaching a comparison
+        raise ValueError(f"{path or 'flags'}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the result dict."""
+    from .run import distill, format_summary
+
+    config = config_from_args(argv)
+    result = distill(config)
+    print(format_summary(result))
+    print(f"wrote {result['output']} (student: {result['model']})")
+    return result
+
+
+def run_cli() -> None:
+    from .run import NonFiniteLossError
+
+    try:
+        main()
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same flags and --resume", file=sys.stderr)
+        sys.exit(130)
+
