@@ -29,6 +29,7 @@ round it came from: the student learns to answer alone.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import unicodedata
@@ -237,14 +238,11 @@ def select_problem(record: dict[str, Any], where: str, tokenizer: Any, fingerpri
             if reason is not None:
                 counts[f"skipped.{reason}"] += 1
                 continue
-            response = turn["text"]
-            steps = merge_tokenless_steps(tokenizer, response, segment_steps(response, mode))
-            assert steps, "a response with an extracted answer has a non-blank step"
             usable.append({
                 "id": f"{record['id']}/r{r + 1}/a{turn['agent']}", "problem_id": record["id"],
                 "task": record["task"], "gold": record["gold"], "answer": turn["answer"],
                 "correct": turn["correct"], "source": {"round": r + 1, "agent": turn["agent"]},
-                "prompt": prompt, "response": response, "steps": [list(s) for s in steps],
+                "prompt": prompt, "response": turn["text"], "steps": None,  # segmented once kept, below
                 "step_scores": None, "tokenizer": fingerprint, "meta": dict(record.get("meta") or {}),
             })
     counts["usable"] += len(usable)
@@ -265,7 +263,12 @@ def select_problem(record: dict[str, Any], where: str, tokenizer: Any, fingerpri
     right = _keep_distinct((c for c in usable if c["correct"]), cap, counts, "pad")
     wrong = _keep_distinct((c for c in usable if not c["correct"]), cap, counts, "pad")
     out["pad"] = sorted(right + wrong, key=lambda c: (-c["source"]["round"], rank[c["source"]["agent"]]))
-    return out
+    for c in {id(c): c for records in out.values() for c in records}.values():  # each kept one once
+        steps = merge_tokenless_steps(tokenizer, c["response"], segment_steps(c["response"], mode))
+        assert steps, "a response with an extracted answer has a non-blank step"
+        c["steps"] = [list(s) for s in steps]
+    # each set its own dicts (a caller may score or edit one set's records in place)
+    return {name: [copy.deepcopy(c) for c in records] for name, records in out.items()}
 
 
 def build_sets(debates: Iterable[tuple[str, dict[str, Any]]], tokenizer: Any, config: BuildConfig,
