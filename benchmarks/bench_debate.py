@@ -1,8 +1,9 @@
 """End-to-end debate generation: ``arkfast.LLM`` (prefix sharing on / off) vs transformers' batched
 ``generate``, on random-weight models shaped like Qwen2.5-0.5B and Qwen3-1.7B.
 
-    python -m benchmarks.bench_debate            # on a GPU: both shapes, bf16, results appended
-    python -m benchmarks.bench_debate --smoke    # a tiny model on CPU (the default without CUDA)
+    python -m benchmarks.bench_debate               # on a GPU: both shapes, bf16, results appended
+    python -m benchmarks.bench_debate --device cpu  # CPU figures: the shipped tiny model, fp32, appended
+    python -m benchmarks.bench_debate --smoke       # a tiny random model on CPU, seconds, nothing saved
 
 Workload (greedy, ``ignore_eos``, fixed lengths): P problems x A agents x 2 rounds. Round 1: each
 agent reads the problem's question (``--question`` tokens) plus its own instruction suffix
@@ -15,14 +16,26 @@ output`` tokens, about 1k by default) plus the agent's suffix. Providers:
   prefix);
 * ``hf-generate``: transformers, each round one left-padded batched ``generate`` call.
 
-Reported: generated tokens/s end to end, and for the arkfast providers the time of one decode step in
-round 2's steady state (all P x A sequences decoding) next to its bound: the bytes a step must read
-(the weights once, plus the K/V of every *distinct* cached token) over the measured copy bandwidth.
-Records go to ``benchmarks/results/debate.jsonl``.
+Timing: each provider first runs the whole workload once untimed on other random tokens of the same
+lengths (every prefill and decode shape, so every Triton variant and CUDA graph, is compiled before
+timing; ``warm_seconds`` reports that pass and ``compile_s`` its excess over a timed pass), then
+``--repeats`` timed passes on fresh tokens (no prefix-cache hits across passes); the median pass is
+reported, with p20/p80. Engine options (``--max-model-len``, ``--max-num-seqs``, ``--kv-cache-gib``)
+default to what the workload needs, so the engines fit one GPU together and none captures graphs for
+contexts it never uses.
+
+Reported: generated tokens/s end to end (``speedup_vs_hf``: over transformers in the same run), and for
+the arkfast providers the time of one decode step in round 2's steady state (all P x A sequences
+decoding) next to its bound: the bytes a step must read (the weights once, plus the K/V of every
+*distinct* cached token) over the measured copy bandwidth. Records go to
+``benchmarks/results/debate.jsonl``, one shape at a time.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +48,16 @@ try:
     from benchmarks import harness
 except ImportError:  # run as a script: python benchmarks/bench_debate.py
     import harness
+
+# python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py).
+SUITE = {"gpu": {"budget_s": 90, "args": ["--repeats", "2"]},
+         "cpu": {"budget_s": 300, "args": ["--repeats", "3"]},
+         "smoke": {"budget_s": 60}}  # transformers' imports alone take seconds on a loaded CI machine
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["shape", "problems", "agents", "question", "suffix", "output", "dtype"],
+          "provider": "provider", "metric": "tokens_per_s", "higher_is_better": True, "baseline": "hf-generate",
+          "headline": "arkfast", "ceiling": "pct_of_bound", "extra": ["seconds", "compile_s", "decode_step_ms"]}
+ZOO = "zoo-tiny"  # the model the project ships (arkfast/zoo/tiny), real weights, fp32
 
 # transformers config fields of the two model shapes (weights are random).
 SHAPES = {
@@ -54,9 +77,16 @@ SHAPES = {
 
 
 def build_model(shape: str, path: Path, dtype: torch.dtype, device: torch.device):
-    """A random-weight transformers model of ``shape`` saved at ``path``; returns it (eval mode)."""
+    """A transformers model of ``shape`` (random weights; the shipped checkpoint for ``zoo-tiny``) and
+    the folder the engine loads it from (``path`` where it was saved); returns ``(model, folder)``."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
+    if shape == ZOO:
+        from arkfast.generate import default_model_path
+
+        folder = default_model_path()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+        return model.eval(), folder
     arch, fields = SHAPES[shape]
     config = (Qwen2Config if arch == "qwen2" else Qwen3Config)(
         **fields, bos_token_id=None, eos_token_id=0, pad_token_id=0)
@@ -64,7 +94,27 @@ def build_model(shape: str, path: Path, dtype: torch.dtype, device: torch.device
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(str(path))
-    return model.eval()
+    return model.eval(), path
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """K and V bytes one token takes in the paged cache over all layers (``config``: transformers')."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def engine_options(args, config) -> dict:
+    """``max_model_len``, ``max_num_seqs`` and ``kv_cache_memory`` sized to the workload (flags win)."""
+    longest = args.question + args.agents * args.output + args.suffix + max(args.output, args.warmup + args.reps + 2)
+    max_model_len = args.max_model_len or -(-longest // 16) * 16
+    max_num_seqs = args.max_num_seqs or args.problems * args.agents
+    if args.kv_cache_gib is not None:
+        kv_bytes = int(args.kv_cache_gib * 2**30)
+    else:
+        # Every sequence at full length with no sharing, plus a quarter for blocks still cached from
+        # the pass before (evictable, but the allocator should not have to evict them).
+        kv_bytes = int(1.25 * max_num_seqs * max_model_len * kv_bytes_per_token(config, args.dtype))
+    return {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "kv_cache_memory": kv_bytes}
 
 
 def make_workload(args, vocab: int, seed: int = 0):
@@ -81,13 +131,10 @@ def round2_prompt(question, answers, suffix):
     return question + [t for a in answers for t in a] + suffix
 
 
-def run_arkfast(path: Path, workload, args, **options) -> dict:
-    """Both rounds through the incremental API (a problem's round 2 starts when its round 1 ends);
-    returns timings and token counts."""
-    llm = LLM(path, dtype=args.dtype, device=args.device, **options)
+def debate_pass(llm: LLM, workload, args) -> tuple[float, int, dict]:
+    """Both rounds of ``workload`` through the incremental API (a problem's round 2 starts when its
+    round 1 ends); returns ``(seconds, generated tokens, round-1 answers per problem)``."""
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-    warm = llm.generate([workload[0][0][:8]], SamplingParams(temperature=0.0, max_tokens=2))  # compile/warm
-    del warm
     answers: dict[int, list] = {p: [None] * args.agents for p in range(len(workload))}
     _sync(args.device)
     t0 = time.perf_counter()
@@ -107,11 +154,34 @@ def run_arkfast(path: Path, workload, args, **options) -> dict:
                         llm.add_request(round2_prompt(question, answers[p], suffix), params,
                                         request_id=f"{p}:2:{b}")
     _sync(args.device)
-    seconds = time.perf_counter() - t0
-    stats = llm.stats
-    return {"seconds": seconds, "generated_tokens": generated, "tokens_per_s": generated / seconds,
-            "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"], "cascade_steps": stats["cascade_steps"],
-            "steps": stats["steps"], **decode_step(llm, workload, answers, args)}
+    return time.perf_counter() - t0, generated, answers
+
+
+def pass_stats(warm_seconds: float, seconds: list[float], generated: int) -> dict:
+    """Median pass and its spread, tokens/s of the median pass, and the warm-up pass's excess."""
+    ordered = sorted(seconds)
+    median = statistics.median(ordered)
+    return {"seconds": median, "p20_seconds": harness._quantile(ordered, 0.2),
+            "p80_seconds": harness._quantile(ordered, 0.8), "repeats": len(ordered),
+            "generated_tokens": generated, "tokens_per_s": generated / median,
+            "warm_seconds": warm_seconds, "compile_s": max(0.0, warm_seconds - median)}
+
+
+def run_arkfast(path: Path, workloads, args, **options) -> dict:
+    """The first workload untimed (compiles every shape), each later one timed; then one decode step
+    timed in round 2's steady state."""
+    llm = LLM(path, dtype=args.dtype, device=args.device, **options)
+    warm_seconds, _, _ = debate_pass(llm, workloads[0], args)
+    seconds = []
+    for workload in workloads[1:]:
+        t, generated, answers = debate_pass(llm, workload, args)
+        seconds.append(t)
+    stats = llm.stats  # cumulative over every pass (all of the same shape)
+    row = {**pass_stats(warm_seconds, seconds, generated), "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"],
+           "cascade_steps": stats["cascade_steps"], "steps": stats["steps"],
+           **decode_step(llm, workloads[-1], answers, args)}
+    del llm
+    return row
 
 
 def decode_step(llm: LLM, workload, answers, args) -> dict:
@@ -140,8 +210,9 @@ def decode_step(llm: LLM, workload, answers, args) -> dict:
             "pct_of_bound": None if bound_ms is None else 100 * bound_ms / stats.median_ms}
 
 
-def run_hf(model, workload, args) -> dict:
-    """Each round as one left-padded batched greedy ``generate`` (round 2 after all of round 1)."""
+def run_hf(model, workloads, args) -> dict:
+    """Each round as one left-padded batched greedy ``generate`` (round 2 after all of round 1); the
+    first workload untimed, as for the engine."""
     kwargs = {"max_new_tokens": args.output, "min_new_tokens": args.output, "do_sample": False, "pad_token_id": 0}
 
     def batch_generate(prompts):
@@ -155,17 +226,19 @@ def run_hf(model, workload, args) -> dict:
             out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device), **kwargs)
         return out[:, width:].tolist()
 
-    batch_generate([workload[0][0][:8]])  # warm-up
-    _sync(args.device)
-    t0 = time.perf_counter()
-    round1 = batch_generate([q + s for q, suffixes in workload for s in suffixes])
-    answers = [round1[p * args.agents:(p + 1) * args.agents] for p in range(len(workload))]
-    round2 = batch_generate([round2_prompt(q, answers[p], s) for p, (q, suffixes) in enumerate(workload)
-                             for s in suffixes])
-    _sync(args.device)
-    seconds = time.perf_counter() - t0
-    generated = sum(map(len, round1)) + sum(map(len, round2))
-    return {"seconds": seconds, "generated_tokens": generated, "tokens_per_s": generated / seconds}
+    def one_pass(workload):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        round1 = batch_generate([q + s for q, suffixes in workload for s in suffixes])
+        answers = [round1[p * args.agents:(p + 1) * args.agents] for p in range(len(workload))]
+        round2 = batch_generate([round2_prompt(q, answers[p], s) for p, (q, suffixes) in enumerate(workload)
+                                 for s in suffixes])
+        _sync(args.device)
+        return time.perf_counter() - t0, sum(map(len, round1)) + sum(map(len, round2))
+
+    warm_seconds, _ = one_pass(workloads[0])
+    timed = [one_pass(w) for w in workloads[1:]]
+    return pass_stats(warm_seconds, [t for t, _ in timed], timed[-1][1])
 
 
 def _sync(device: torch.device) -> None:
@@ -176,48 +249,82 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_common_args(parser, warmup=3, reps=20)
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
-                        help="model shapes (default qwen2.5-0.5b qwen3-1.7b; tiny with --smoke)")
-    parser.add_argument("--problems", type=int, default=None, help="problems P (default 8; 1 with --smoke)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted([*SHAPES, ZOO]), default=None,
+                        help=f"model shapes (default qwen2.5-0.5b qwen3-1.7b on CUDA, {ZOO} (the shipped model) "
+                             "on CPU, tiny with --smoke)")
+    parser.add_argument("--problems", type=int, default=None, help="problems P (default 8; 16 on CPU; 1 with --smoke)")
     parser.add_argument("--agents", type=int, default=5, help="agents per problem (default 5)")
     parser.add_argument("--question", type=int, default=None,
                         help="question tokens (default 384, so round 2's shared prefix is 384 + 5 x 128 = 1024; "
-                             "40 with --smoke)")
+                             "128 on CPU; 40 with --smoke)")
     parser.add_argument("--suffix", type=int, default=None, help="per-agent suffix tokens (default 32; 5 with --smoke)")
-    parser.add_argument("--output", type=int, default=None, help="tokens per answer (default 128; 6 with --smoke)")
+    parser.add_argument("--output", type=int, default=None,
+                        help="tokens per answer (default 128; 96 on CPU; 6 with --smoke)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per provider after the untimed warm-up pass (default 3)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="engine max_model_len (default: the workload's longest sequence, rounded up to 16)")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="engine max_num_seqs (default: problems x agents)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="engine KV-cache memory in GiB (default: every sequence at full length without "
+                             "sharing, x 1.25)")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
-    args = harness.resolve_common_args(parser.parse_args(argv))
-    smoke = args.smoke
-    args.shapes = args.shapes or (["tiny"] if smoke else ["qwen2.5-0.5b", "qwen3-1.7b"])
-    args.problems = args.problems or (1 if smoke else 8)
-    args.question = args.question or (40 if smoke else 384)
+    args = harness.resolve_common_args(parser.parse_args(argv), gpu_benchmark=False)
+    for name in ("problems", "question", "suffix", "output", "max_model_len", "max_num_seqs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.repeats < 1 or args.agents < 1 or (args.kv_cache_gib is not None and args.kv_cache_gib <= 0):
+        parser.error(f"--repeats, --agents and --kv-cache-gib must be positive, got {args.repeats}, "
+                     f"{args.agents}, {args.kv_cache_gib}")
+    smoke, cpu = args.smoke, args.device.type == "cpu"
+    args.shapes = args.shapes or (["tiny"] if smoke else [ZOO] if cpu else ["qwen2.5-0.5b", "qwen3-1.7b"])
+    args.problems = args.problems or (1 if smoke else 16 if cpu else 8)
+    args.question = args.question or (40 if smoke else 128 if cpu else 384)
     args.suffix = args.suffix or (5 if smoke else 32)
-    args.output = args.output or (6 if smoke else 128)
+    args.output = args.output or (6 if smoke else 96 if cpu else 128)
+    if smoke:
+        args.repeats = 1
     args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    # The roofline only means something on a GPU; a CPU smoke run reports none.
+    # The roofline only means something on a GPU; a CPU run reports none.
     args.copy_gbps = harness.copy_bandwidth_gbps(args.device) if args.device.type == "cuda" else None
 
     rows = []
     for shape in args.shapes:
+        if rows and harness.out_of_time(margin_s=30):
+            break
         with tempfile.TemporaryDirectory() as tmp:
-            hf_model = build_model(shape, Path(tmp), args.dtype, args.device)
-            workload = make_workload(args, SHAPES[shape][1]["vocab_size"])
+            hf_model, folder = build_model(shape, Path(tmp), args.dtype, args.device)
+            vocab = hf_model.config.vocab_size
+            # Seed 1000 + i: the untimed warm-up pass; 0..repeats-1: the timed passes (fresh tokens).
+            workloads = [make_workload(args, vocab, seed=1000)] + \
+                [make_workload(args, vocab, seed=r) for r in range(args.repeats)]
+            options = engine_options(args, hf_model.config)
             base = {"shape": shape, "problems": args.problems, "agents": args.agents, "question": args.question,
                     "suffix": args.suffix, "output": args.output, "dtype": str(args.dtype).removeprefix("torch."),
-                    "copy_gbps": args.copy_gbps}
+                    "copy_gbps": args.copy_gbps, "engine_options": json.dumps(options, sort_keys=True)}
             providers = {"arkfast": {}, "arkfast-no-sharing": {"enable_prefix_caching": False, "cascade": "off"}}
-            for name, options in providers.items():
-                rows.append({**base, "provider": name, **run_arkfast(Path(tmp), workload, args, **options)})
+            shape_rows = []
+            for name, extra in providers.items():
+                shape_rows.append({**base, "provider": name, **run_arkfast(folder, workloads, args, **options, **extra)})
                 _free(args.device)
             if args.hf:
-                rows.append({**base, "provider": "hf-generate", **run_hf(hf_model, workload, args)})
+                shape_rows.append({**base, "provider": "hf-generate", **run_hf(hf_model, workloads, args)})
+                hf_tps = shape_rows[-1]["tokens_per_s"]
+                for row in shape_rows:
+                    row["speedup_vs_hf"] = row["tokens_per_s"] / hf_tps
             del hf_model
             _free(args.device)
-    harness.print_table(rows, columns=["shape", "provider", "tokens_per_s", "seconds", "generated_tokens",
-                                       "prefix_cache_hit_rate", "cascade_steps", "decode_batch", "decode_step_ms",
-                                       "decode_p20_ms", "decode_p80_ms", "bound_ms", "pct_of_bound"])
-    if args.save:
-        harness.save_rows("debate", rows, device=args.device)
+        rows += shape_rows
+        if args.save:  # shape by shape: a run cut short keeps what it measured
+            harness.save_rows("debate", shape_rows, device=args.device)
+    if cpu:
+        print(f"device: {harness.cpu_model_name()}; {args.repeats} timed passes per provider, median", file=sys.stderr)
+    harness.print_table(rows, columns=["shape", "provider", "tokens_per_s", "speedup_vs_hf", "seconds", "p20_seconds",
+                                       "p80_seconds", "compile_s", "generated_tokens", "prefix_cache_hit_rate",
+                                       "cascade_steps", "decode_batch", "decode_step_ms", "decode_p20_ms",
+                                       "decode_p80_ms", "bound_ms", "pct_of_bound"])
 
 
 def _free(device: torch.device) -> None:

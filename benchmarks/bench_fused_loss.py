@@ -21,11 +21,18 @@ the time of the three GEMMs every method must run (logits, grad_h, grad_W), meas
 the same shapes: ``gemm_frac`` = that time / the method's time.
 
     python -m benchmarks.bench_fused_loss              # full grid on CUDA (bf16), results appended
-    python -m benchmarks.bench_fused_loss --smoke      # tiny shapes; the default without CUDA
+    python -m benchmarks.bench_fused_loss --device cpu # CPU figures (fp32, CPU-sized shapes), appended
+    python -m benchmarks.bench_fused_loss --smoke      # tiny shapes, nothing saved
+
+On CPU the public op runs its torch reference (the Triton kernel needs a GPU), so the CPU figures
+say what a CPU user gets today; ``extra_mem_gib`` there is the process's peak resident-set growth
+during one forward + backward (``/proc/self/status``), not torch's allocator count. The first call
+on each shape is timed apart (``compile_ms``); the L2 is flushed before every rep on CUDA.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -42,6 +49,16 @@ VOCABS = [32000, 151936]  # Llama 2 / Mistral, Qwen2
 HIDDENS = [1024, 2048, 4096]
 TOKENS = [4096, 16384]
 SMOKE_SHAPES = [(37, 16, 503), (64, 32, 1000)]  # (N, H, V)
+CPU_SHAPES = [(2048, 256, 32000), (4096, 512, 32000)]  # logits 0.26 and 0.52 GB in fp32
+# python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py). gpu: 4 shapes.
+SUITE = {"gpu": {"budget_s": 45, "args": ["--vocab", "32000", "151936", "--hidden", "2048", "4096",
+                                          "--tokens", "16384"]},
+         "cpu": {"budget_s": 240, "args": ["--reps", "7", "--warmup", "1"]},
+         "smoke": {"budget_s": 30}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["N", "H", "V", "dtype"], "provider": "method", "metric": "median_ms", "baseline": "eager",
+          "headline": "arkfast", "ceiling": "gemm_frac", "ceiling_scale": 100,
+          "extra": ["extra_mem_gib", "mem_vs_eager", "status"]}
 IGNORE = -100
 
 
@@ -135,9 +152,12 @@ def bench_shape(fns: dict, N: int, H: int, V: int, dtype: torch.dtype, args, gra
             fn(h, W, y, w).backward()
 
         try:
-            step()  # allocate the gradients so they count as inputs, not as the method's memory
+            # The first call compiles and allocates the gradients (they count as inputs, not as the
+            # method's memory).
+            _, first_ms = harness.first_call(step, device)
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             stats = harness.measure(step, warmup=args.warmup, reps=args.reps, device=device)
+            rss = harness.cpu_peak_rss_delta(step) if device.type == "cpu" else None
         except Exception as exc:  # noqa: BLE001 -- OOM, or a configuration the method rejects
             oom = isinstance(exc, torch.cuda.OutOfMemoryError)
             row["status"] = "oom" if oom else f"error: {type(exc).__name__}"
@@ -149,7 +169,9 @@ def bench_shape(fns: dict, N: int, H: int, V: int, dtype: torch.dtype, args, gra
                 torch.cuda.empty_cache()
             continue
         row.update(stats.as_dict())
-        row["extra_mem_gib"] = None if base is None else (stats.peak_mem_bytes - base) / 2**30
+        row["compile_ms"] = harness.compile_ms(first_ms, stats)
+        row["extra_mem_gib"] = (stats.peak_mem_bytes - base) / 2**30 if base is not None else \
+            None if rss is None else rss / 2**30
         row["tflops"] = flops / (stats.median_ms * 1e-3) / 1e12
         row["gemm_frac"] = gemm_ms / stats.median_ms
         row["status"] = "ok"
@@ -166,14 +188,23 @@ def bench_shape(fns: dict, N: int, H: int, V: int, dtype: torch.dtype, args, gra
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(parser, warmup=3, reps=20)
-    parser.add_argument("--vocab", type=int, nargs="+", default=VOCABS, help="vocabulary sizes V")
-    parser.add_argument("--hidden", type=int, nargs="+", default=HIDDENS, help="hidden sizes H")
-    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts N")
+    grid = " x ".join(" ".join(map(str, g)) for g in (VOCABS, HIDDENS, TOKENS))
+    cpu = ", ".join("x".join(map(str, s)) for s in CPU_SHAPES)
+    parser.add_argument("--vocab", type=int, nargs="+", default=None,
+                        help=f"vocabulary sizes V (with --hidden and --tokens: the grid V x H x N; default "
+                             f"{grid} on CUDA, the N x H x V shapes {cpu} on CPU)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes H")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts N")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="subset of arkfast, eager, liger, torch_lce (default: every one available)")
-    args = harness.resolve_common_args(parser.parse_args(argv))
+                        help="subset of arkfast, eager, liger, torch_lce (default: every one available; "
+                             "torch_lce is left out of --smoke runs)")
+    # CPU runs are real figures (the public op's CPU path against eager), not only smoke tests.
+    args = harness.resolve_common_args(parser.parse_args(argv), gpu_benchmark=False)
 
     fns = methods()
+    if args.smoke and not args.methods:
+        # torch's linear_cross_entropy compiles on first use (seconds on CPU): smoke runs leave it out.
+        fns.pop("torch_lce", None)
     if args.methods:
         unknown = sorted(set(args.methods) - set(fns))
         if unknown:
@@ -183,18 +214,27 @@ def main(argv: list[str] | None = None) -> int:
         # CPU smoke: arkfast dispatches to its torch reference here (no Triton on CPU tensors).
         shapes, dtype = SMOKE_SHAPES, torch.float32
     else:
-        shapes = [(N, H, V) for V in args.vocab for H in args.hidden for N in args.tokens]
-        dtype = torch.bfloat16
+        if args.device.type == "cpu" and not (args.vocab or args.hidden or args.tokens):
+            shapes = CPU_SHAPES
+        else:
+            shapes = [(N, H, V) for V in args.vocab or VOCABS for H in args.hidden or HIDDENS
+                      for N in args.tokens or TOKENS]
+        dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     grad_ok = check_against_arkfast(fns, args.device)
     rows = []
     for N, H, V in shapes:
+        if rows and harness.out_of_time(margin_s=20):
+            break
         shape_rows = bench_shape(fns, N, H, V, dtype, args, grad_ok)
         rows.extend(shape_rows)
         if args.save:
             for row in shape_rows:
                 harness.append_result("fused_loss", row, device=args.device)
+    if args.device.type == "cpu":
+        print(f"device: {harness.cpu_model_name()} ({os.cpu_count()} CPUs); arkfast = the public op's CPU path "
+              "(its torch reference)", file=sys.stderr)
     harness.print_table(rows, columns=["method", "N", "H", "V", "status", "grad_ok", "median_ms", "p20_ms",
-                                       "p80_ms", "tflops", "gemm_frac", "extra_mem_gib", "speedup_vs_eager",
+                                       "p80_ms", "compile_ms", "tflops", "gemm_frac", "extra_mem_gib", "speedup_vs_eager",
                                        "mem_vs_eager"])
     return 0
 

@@ -28,6 +28,13 @@ except ImportError:  # run as a script: python benchmarks/bench_packing.py
 # The Python reference is O(n * bins) in list moves: at 1e6 items one run takes seconds, so it is
 # timed once (no warmup) from this size on.
 REFERENCE_SINGLE_RUN_FROM = 1_000_000
+# python -m benchmarks: 1e5 lengths only (the reference alone takes minutes at 1e6 uniform lengths).
+SUITE = {"gpu": {"budget_s": 20, "args": ["--sizes", "100000"]},
+         "cpu": {"budget_s": 90, "args": ["--sizes", "100000", "--ref-reps", "5", "--reps", "15"]},
+         "smoke": {"budget_s": 30}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["dist", "n", "capacity"], "provider": "impl", "metric": "median_ms",
+          "baseline": "python reference", "headline": "pack_bins, ndarray in", "extra": ["efficiency", "bound_ratio"]}
 
 
 def make_lengths(dist: str, n: int, capacity: int, seed: int) -> np.ndarray:

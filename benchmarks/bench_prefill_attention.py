@@ -19,7 +19,10 @@ FLOPs count only the causal (visible) score entries: ``4 * D * Hq * sum_b L_b (L
 forward (QK^T and PV, 2 FLOPs per multiply-add), with the cached keys added for ``triton_paged``; the
 backward counts 2.5 times the forward. ``pct_mm`` is TFLOP/s over a measured dense bf16/fp16 GEMM
 (8192^3) on the same device, the compute roofline. Each provider's output is checked against
-``sdpa_per_seq`` before it is timed. Results go to ``benchmarks/results/prefill_attention.jsonl``.
+``sdpa_per_seq`` before it is timed. The first timed-step call, on the case's own shapes, is timed
+apart (``compile_ms``); forward passes are also timed replayed from a CUDA graph (``graph_median_ms``,
+``launch_overhead_ms``); the L2 is flushed before every rep. Results go to
+``benchmarks/results/prefill_attention.jsonl``, one batch at a time.
 """
 from __future__ import annotations
 
@@ -43,6 +46,12 @@ except ImportError:
     flash_attn_varlen_func = None
 
 PAGE = 16
+# python -m benchmarks: forward, four packed batches (see benchmarks/suite.py).
+SUITE = {"gpu": {"budget_s": 40}, "smoke": {"budget_s": 30}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["batch", "T", "Hq", "Hkv", "D", "dtype", "backward"], "provider": "provider",
+          "metric": "median_ms", "baseline": "sdpa_padded", "headline": "triton", "ceiling": "pct_mm",
+          "extra": ["graph_median_ms", "compile_ms"]}
 
 
 def batch_lengths(name: str, smoke: bool) -> list[int]:
@@ -157,9 +166,13 @@ def run_case(batch: str, args: argparse.Namespace, ceiling: float | None) -> lis
             got = fn(q, k, v)
             got = unpad(got) if name == "sdpa_padded" else got
             max_err = (got.float() - expected.float()).abs().max().item()  # once, outside the timing
+        _, first_ms = harness.first_call(step, args.device)
         stats = harness.measure(step, warmup=args.warmup, reps=args.reps, device=args.device)
+        graph = {} if args.backward else \
+            harness.graph_fields(step, stats, warmup=args.warmup, reps=args.reps, device=args.device)
         flops = fwd_flops * (3.5 if args.backward else 1.0)
-        rows.append(_row(name, batch, lengths, args, stats, flops, ceiling, max_err))
+        rows.append({**_row(name, batch, lengths, args, stats, flops, ceiling, max_err), **graph,
+                     "compile_ms": harness.compile_ms(first_ms, stats)})
         qp.requires_grad_(False), kp.requires_grad_(False), vp.requires_grad_(False)
 
     if not args.backward:  # the paged-prefix form: second half of each sequence new, first half cached
@@ -167,11 +180,14 @@ def run_case(batch: str, args: argparse.Namespace, ceiling: float | None) -> lis
         qn, kn, vn = q[keep], k[keep], v[keep]
         paged = lambda: prefill_attention(qn, kn, vn, cu_new, *cache, max_seqlen=max_new)
         with torch.no_grad():
-            max_err = (paged().float() - expected[keep].float()).abs().max().item()
+            got, first_ms = harness.first_call(paged, args.device)
+            max_err = (got.float() - expected[keep].float()).abs().max().item()
             stats = harness.measure(paged, warmup=args.warmup, reps=args.reps, device=args.device)
+            graph = harness.graph_fields(paged, stats, warmup=args.warmup, reps=args.reps, device=args.device)
         flops = 4 * D * Hq * sum(n * c + n * (n + 1) // 2 for c, n in zip(cached, new))
         name = "public op, paged (reference on CPU)" if args.device.type == "cpu" else "triton_paged"
-        rows.append(_row(name, batch, lengths, args, stats, flops, ceiling, max_err))
+        rows.append({**_row(name, batch, lengths, args, stats, flops, ceiling, max_err), **graph,
+                     "compile_ms": harness.compile_ms(first_ms, stats)})
     return rows
 
 
@@ -208,12 +224,17 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batches or default_batches
     ceiling = matmul_tflops(args.device, args.dtype) if args.dtype != torch.float32 else None
 
-    rows = [row for batch in batches for row in run_case(batch, args, ceiling)]
+    rows = []
+    for batch in batches:
+        if rows and harness.out_of_time(margin_s=10):
+            break
+        case = run_case(batch, args, ceiling)
+        rows += case
+        if args.save:  # batch by batch: a run cut short keeps what it measured
+            harness.save_rows("prefill_attention", case, device=args.device)
     harness.print_table(rows, columns=["provider", "batch", "T", "Hq", "Hkv", "D", "dtype", "backward",
-                                       "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "tflops", "pct_mm",
-                                       "max_abs_err"])
-    if args.save:
-        harness.save_rows("prefill_attention", rows, device=args.device)
+                                       "median_ms", "p20_ms", "p80_ms", "graph_median_ms", "compile_ms",
+                                       "peak_mem_bytes", "tflops", "pct_mm", "max_abs_err"])
 
 
 if __name__ == "__main__":

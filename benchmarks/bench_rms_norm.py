@@ -10,8 +10,10 @@ CPU smoke run times the public op (the reference on CPU) and the reference only.
 Bandwidth counts the bytes the op must move: read x (and the residual), write out (and the new
 residual), read the weight. ``pct_copy`` is that GB/s over the device's measured copy bandwidth
 (:func:`benchmarks.harness.copy_bandwidth_gbps`), the roofline for a memory-bound op. Each provider's
-output is checked against the reference before it is timed. Results go to
-``benchmarks/results/rms_norm.jsonl``.
+output is checked against the reference before it is timed. That first call, with the case's own
+shapes, compiles (``compile_ms``: its time beyond a steady call). Every provider is timed eager and
+replayed from a CUDA graph (``graph_median_ms``; ``launch_overhead_ms`` the difference), with the L2
+flushed before every rep. Results go to ``benchmarks/results/rms_norm.jsonl``, one case at a time.
 """
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ except ImportError:  # run as a script: python benchmarks/bench_rms_norm.py
     import harness
 
 EPS = 1e-6
+# python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py). gpu: 3 H x 2 forms x
+# 3 providers, eager + graph; most of the budget is torch.compile's six compilations.
+SUITE = {"gpu": {"budget_s": 35}, "smoke": {"budget_s": 30}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["T", "H", "dtype", "residual"], "provider": "provider", "metric": "median_ms",
+          "baseline": "torch", "headline": "triton", "ceiling": "pct_copy",
+          "extra": ["graph_median_ms", "compile_ms"]}
 
 
 def providers(args: argparse.Namespace) -> dict:
@@ -50,14 +59,16 @@ def run_case(T: int, H: int, residual: bool, args: argparse.Namespace, copy_gbps
     rows = []
     for name, fn in providers(args).items():
         with torch.no_grad():
-            got = fn(x, weight, EPS, res)
+            call = lambda fn=fn: fn(x, weight, EPS, res)
+            got, first_ms = harness.first_call(call, args.device)
             got = got[0] if residual else got
             max_err = (got.float() - expected.float()).abs().max().item()  # once, outside the timing
-            stats = harness.measure(lambda fn=fn: fn(x, weight, EPS, res), warmup=args.warmup, reps=args.reps,
-                                    device=args.device)
+            stats = harness.measure(call, warmup=args.warmup, reps=args.reps, device=args.device)
+            graph = harness.graph_fields(call, stats, warmup=args.warmup, reps=args.reps, device=args.device)
         rows.append({
             "op": "rms_norm", "provider": name, "T": T, "H": H,
             "dtype": str(args.dtype).removeprefix("torch."), "residual": residual, **stats.as_dict(),
+            "compile_ms": harness.compile_ms(first_ms, stats), **graph,
             **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
         })
     return rows
@@ -80,12 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     # The roofline only means something on a GPU; a CPU smoke run reports none.
     copy_gbps = harness.copy_bandwidth_gbps(args.device) if args.device.type == "cuda" else None
 
-    rows = [row for H in hidden for residual in (False, True)
-            for row in run_case(T, H, residual, args, copy_gbps)]
+    rows = []
+    for H in hidden:
+        for residual in (False, True):
+            if rows and harness.out_of_time(margin_s=10):
+                break
+            case = run_case(T, H, residual, args, copy_gbps)
+            rows += case
+            if args.save:  # case by case: a run cut short keeps what it measured
+                harness.save_rows("rms_norm", case, device=args.device)
     harness.print_table(rows, columns=["provider", "T", "H", "dtype", "residual", "median_ms", "p20_ms",
-                                       "p80_ms", "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
-    if args.save:
-        harness.save_rows("rms_norm", rows, device=args.device)
+                                       "p80_ms", "graph_median_ms", "launch_overhead_ms", "compile_ms",
+                                       "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
 
 
 if __name__ == "__main__":

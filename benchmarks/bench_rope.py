@@ -12,7 +12,9 @@ reference only.
 Bandwidth counts the bytes the op must move: read q and k, write the new q and k, read positions and
 inv_freq. ``pct_copy`` is that GB/s over the device's measured copy bandwidth
 (:func:`benchmarks.harness.copy_bandwidth_gbps`). Each provider's output is checked against the
-reference before it is timed. Results go to ``benchmarks/results/rope.jsonl``.
+reference before it is timed; that first call, with the case's own shapes, compiles (``compile_ms``).
+Every provider is timed eager and from a CUDA graph (``graph_median_ms``, ``launch_overhead_ms``), the
+L2 flushed before every rep. Results go to ``benchmarks/results/rope.jsonl``, one case at a time.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ try:
 except ImportError:  # run as a script: python benchmarks/bench_rope.py
     import harness
 
+# python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py).
+SUITE = {"gpu": {"budget_s": 30}, "smoke": {"budget_s": 30}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["T", "Hq", "Hkv", "D", "dtype"], "provider": "provider", "metric": "median_ms",
+          "baseline": "torch", "headline": "triton", "ceiling": "pct_copy",
+          "extra": ["graph_median_ms", "compile_ms"]}
 # Llama-3's rope: theta 500000 with llama3 frequency scaling.
 LLAMA3_THETA = 500000.0
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -57,14 +65,16 @@ def run_case(T: int, n_q: int, n_kv: int, D: int, args: argparse.Namespace,
     rows = []
     for name, fn in providers(args).items():
         with torch.no_grad():
-            got_q, got_k = fn(q, k, positions, inv_freq, scale)
+            call = lambda fn=fn: fn(q, k, positions, inv_freq, scale)
+            (got_q, got_k), first_ms = harness.first_call(call, args.device)
             max_err = max((got_q.float() - exp_q.float()).abs().max().item(),  # once, outside the timing
                           (got_k.float() - exp_k.float()).abs().max().item())
-            stats = harness.measure(lambda fn=fn: fn(q, k, positions, inv_freq, scale), warmup=args.warmup,
-                                    reps=args.reps, device=args.device)
+            stats = harness.measure(call, warmup=args.warmup, reps=args.reps, device=args.device)
+            graph = harness.graph_fields(call, stats, warmup=args.warmup, reps=args.reps, device=args.device)
         rows.append({
             "op": "rope", "provider": name, "T": T, "Hq": n_q, "Hkv": n_kv, "D": D,
             "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(),
+            "compile_ms": harness.compile_ms(first_ms, stats), **graph,
             **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
         })
     return rows
@@ -90,11 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     D = args.head_dim or (64 if args.smoke else 128)
     copy_gbps = harness.copy_bandwidth_gbps(args.device) if args.device.type == "cuda" else None
 
-    rows = [row for T in tokens for n_q, n_kv in heads for row in run_case(T, n_q, n_kv, D, args, copy_gbps)]
+    rows = []
+    for T in tokens:
+        for n_q, n_kv in heads:
+            if rows and harness.out_of_time(margin_s=10):
+                break
+            case = run_case(T, n_q, n_kv, D, args, copy_gbps)
+            rows += case
+            if args.save:  # case by case: a run cut short keeps what it measured
+                harness.save_rows("rope", case, device=args.device)
     harness.print_table(rows, columns=["provider", "T", "Hq", "Hkv", "D", "dtype", "median_ms", "p20_ms",
-                                       "p80_ms", "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
-    if args.save:
-        harness.save_rows("rope", rows, device=args.device)
+                                       "p80_ms", "graph_median_ms", "launch_overhead_ms", "compile_ms",
+                                       "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ Bandwidth counts the bytes the op must move: forward reads ``[T, 2I]`` and write
 backward re-reads ``gate_up [T, 2I]``, reads the upstream gradient ``[T, I]`` and writes the
 ``[T, 2I]`` gradient. ``pct_copy`` is that GB/s over the device's
 measured copy bandwidth (:func:`benchmarks.harness.copy_bandwidth_gbps`). Each provider's output is
-checked against the reference before it is timed. Results go to ``benchmarks/results/swiglu.jsonl``.
+checked against the reference before it is timed; that first call, with the case's own shapes,
+compiles (``compile_ms``). Every provider is timed eager and from a CUDA graph (``graph_median_ms``,
+``launch_overhead_ms``), the L2 flushed before every rep. Results go to
+``benchmarks/results/swiglu.jsonl``, one case at a time.
 """
 from __future__ import annotations
 
@@ -26,6 +29,13 @@ try:
     from benchmarks import harness
 except ImportError:  # run as a script: python benchmarks/bench_swiglu.py
     import harness
+
+# python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py).
+SUITE = {"gpu": {"budget_s": 25, "args": ["--backward"]}, "smoke": {"budget_s": 30, "args": ["--backward"]}}
+# python -m benchmarks.report: how its records are read (see benchmarks/report.py).
+REPORT = {"key": ["pass", "T", "I", "dtype"], "provider": "provider", "metric": "median_ms",
+          "baseline": "torch", "headline": "triton", "ceiling": "pct_copy",
+          "extra": ["graph_median_ms", "compile_ms"]}
 
 
 def providers(args: argparse.Namespace) -> dict:
@@ -55,7 +65,7 @@ def run_case(T: int, I: int, args: argparse.Namespace, copy_gbps: float | None) 
                 def step(fn=fn):
                     with torch.no_grad():
                         return fn(gate_up)
-                got = step()
+                got, first_ms = harness.first_call(step, args.device)
                 max_err = (got.float() - expected.float()).abs().max().item()  # once, outside the timing
             else:
                 leaf = gate_up.detach().requires_grad_()
@@ -63,11 +73,17 @@ def run_case(T: int, I: int, args: argparse.Namespace, copy_gbps: float | None) 
                 def step(fn=fn, leaf=leaf):
                     leaf.grad = None
                     fn(leaf).backward(grad_out)
+                _, first_ms = harness.first_call(step, args.device)
                 max_err = None
             stats = harness.measure(step, warmup=args.warmup, reps=args.reps, device=args.device)
+            # Forward only in a graph: capturing autograd's backward needs the graph-safe allocator dance
+            # the engine never does, and the training step is not graphed.
+            graph = harness.graph_fields(step, stats, warmup=args.warmup, reps=args.reps, device=args.device) \
+                if pass_name == "fwd" else {}
             rows.append({
                 "op": "swiglu", "provider": name, "pass": pass_name, "T": T, "I": I,
                 "dtype": str(args.dtype).removeprefix("torch."), **stats.as_dict(),
+                "compile_ms": harness.compile_ms(first_ms, stats), **graph,
                 **harness.bandwidth_fields(nbytes, stats.median_ms, copy_gbps), "max_abs_err": max_err,
             })
     return rows
@@ -90,11 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     sizes = args.intermediate or ([64, 100] if args.smoke else [5632, 14336])
     copy_gbps = harness.copy_bandwidth_gbps(args.device) if args.device.type == "cuda" else None
 
-    rows = [row for I in sizes for row in run_case(T, I, args, copy_gbps)]
+    rows = []
+    for I in sizes:
+        if rows and harness.out_of_time(margin_s=10):
+            break
+        case = run_case(T, I, args, copy_gbps)
+        rows += case
+        if args.save:  # case by case: a run cut short keeps what it measured
+            harness.save_rows("swiglu", case, device=args.device)
     harness.print_table(rows, columns=["provider", "pass", "T", "I", "dtype", "median_ms", "p20_ms", "p80_ms",
+                                       "graph_median_ms", "launch_overhead_ms", "compile_ms",
                                        "peak_mem_bytes", "gbps", "pct_copy", "max_abs_err"])
-    if args.save:
-        harness.save_rows("swiglu", rows, device=args.device)
 
 
 if __name__ == "__main__":
