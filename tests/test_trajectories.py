@@ -205,6 +205,30 @@ def test_boundary_inside_a_token(tiny_tok):
     assert [tiny_tok.decode(ids[a:b]) for a, b in ranges] == ["12 - 3 = 9\nAnswer: ", "9"]
 
 
+class OffsetsTokenizer:
+    """A stand-in fast tokenizer with given ids and offsets (to pin the rule on odd offset maps)."""
+
+    is_fast = True
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=True):
+        return {"input_ids": list(range(len(self.offsets))), "offset_mapping": self.offsets}
+
+
+def test_empty_offset_token_goes_with_the_token_before_it():
+    # "ab\ncd": tokens "a", "b", "\n", a zero-width prefix piece reported as (0, 0), "c", "d"
+    tok = OffsetsTokenizer([(0, 1), (1, 2), (2, 3), (0, 0), (3, 4), (4, 5)])
+    _, ranges = encode_response(tok, "ab\ncd", segment_steps("ab\ncd", "line"))
+    assert ranges == [(0, 4), (4, 6)]
+    assert merge_tokenless_steps(tok, "ab\ncd", [(0, 2), (3, 5)]) == [(0, 2), (3, 5)]
+    # a step inside one token: "abc" as one token, steps "a", "b", "c" -> only the first owns a token
+    tok = OffsetsTokenizer([(0, 3)])
+    assert merge_tokenless_steps(tok, "abc", [(0, 1), (1, 2), (2, 3)]) == [(0, 3)]
+    assert encode_response(tok, "abc", [(0, 3)]) == ([0], [(0, 1)])
+
+
 def test_encode_response_rejects_bad_spans(tiny_tok):
     for steps in ([(0, 0)], [(3, 2)], [(0, 99)], [(4, 6), (0, 2)], [(0, 4), (3, 6)], [(-1, 2)]):
         with pytest.raises(ValueError, match="step"):

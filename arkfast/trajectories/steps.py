@@ -32,8 +32,8 @@ import itertools
 import re
 from typing import Any
 
-__all__ = ["DEFAULT_STEP_MODES", "STEP_MODES", "default_step_mode", "encode_response", "segment_steps",
-           "validate_step_mode"]
+__all__ = ["DEFAULT_STEP_MODES", "STEP_MODES", "check_spans", "default_step_mode", "encode_response",
+           "merge_tokenless_steps", "segment_steps", "token_starts", "validate_step_mode"]
 
 STEP_MODES = ("line", "paragraph", "regex:PATTERN")
 # Task name -> step mode; any task not named here is paragraph-segmented.
@@ -93,9 +93,9 @@ def encode_response(tokenizer: Any, response: str,
     """``(token_ids, token_ranges)``: ``response`` tokenized alone (``add_special_tokens=False``), and
     per step its half-open token range ``[t0, t1)`` into ``token_ids``.
 
-    A token belongs to the step holding its first character (its offset-mapping start); the tokens
-    between two steps (the separator) belong to the earlier one, those before the first step to the
-    first, those after the last to the last. The ranges tile ``range(len(token_ids))``, so
+    A token belongs to the step holding its first character (its offset-mapping start, see
+    :func:`token_starts`); the tokens between two steps (the separator) belong to the earlier one,
+    those before the first step to the first, those after the last to the last. The ranges tile ``range(len(token_ids))``, so
     ``token_ranges[k][1] - 1`` is the last token of step ``k``, the one that has read all of it.
 
     Needs a fast tokenizer (``return_offsets_mapping``). ``ValueError`` when ``steps`` are not sorted
@@ -104,15 +104,11 @@ def encode_response(tokenizer: Any, response: str,
     """
     spans = [(int(s), int(e)) for s, e in steps]
     check_spans(spans, len(response))
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"token spans need a fast tokenizer (offset mapping); got {type(tokenizer).__name__}")
-    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ids, firsts = token_starts(tokenizer, response)
     starts = [s for s, _ in spans]
-    # owner[i]: the last step starting at or before token i's first character (0 when none does)
-    owner = [max(bisect.bisect_right(starts, a) - 1, 0) for a, _ in offsets]
-    if any(b < a for a, b in itertools.pairwise(owner)):
-        raise ValueError("the tokenizer's offsets are not in text order; cannot map steps to tokens")
+    # owner[i]: the last step starting at or before token i's first character (0 when none does);
+    # non-decreasing in i because firsts is
+    owner = [max(bisect.bisect_right(starts, a) - 1, 0) for a in firsts]
     ranges, t = [], 0
     for k in range(len(spans)):
         t_end = bisect.bisect_right(owner, k)
@@ -126,17 +122,28 @@ def encode_response(tokenizer: Any, response: str,
     return ids, ranges
 
 
+def token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """``(token_ids, firsts)``: ``text`` tokenized without special tokens, and per token the character
+    its first character is taken to be: its offset-mapping start, made non-decreasing (a token whose
+    offset starts before the previous token's, such as a lone prefix piece some tokenizers give an empty
+    ``(0, 0)`` span, counts as starting where the previous one does)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"token spans need a fast tokenizer (offset mapping); got {type(tokenizer).__name__}")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    firsts = list(itertools.accumulate((a for a, _ in enc["offset_mapping"]), max))
+    return list(enc["input_ids"]), firsts
+
+
 def merge_tokenless_steps(tokenizer: Any, response: str,
                           steps: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """``steps`` with every step that would own no token (see :func:`encode_response`) merged into the
     step before it (a first step cannot be tokenless: it owns the response's first token)."""
-    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    firsts = sorted(a for a, _ in enc["offset_mapping"])
+    _, firsts = token_starts(tokenizer, response)
     merged: list[tuple[int, int]] = []
     for k, (s, e) in enumerate(steps):
         nxt = steps[k + 1][0] if k + 1 < len(steps) else len(response) + 1
         i = bisect.bisect_left(firsts, s)
-        owns = i < len(firsts) and firsts[i] < nxt
+        owns = i < len(firsts) and firsts[i] < nxt  # some token starts in [s, next step's start)
         if merged and not owns:
             merged[-1] = (merged[-1][0], e)
         else:
