@@ -279,9 +279,11 @@ def run_step(step: Step, config: SuiteConfig, deadline: float, run_id: str, log_
             returncode = proc.returncode
     row.update({"status": status, "seconds": time.time() - start, "returncode": returncode,
                 "log": str(log)})
-    if status != "ok":
-        row["note"] = (f"killed after {limit:.0f} s" if status == "timeout" else f"exit {returncode}") + \
-            (": " + _tail(log).splitlines()[-1] if _tail(log) else "")
+    if status == "timeout":
+        row["note"] = f"killed at its limit of {limit:.0f} s (log: {log.name})"
+    elif status == "failed":
+        last = _tail(log).splitlines()[-1:] or [""]
+        row["note"] = f"exit {returncode}: {last[0][:160]}"
     return row
 
 
@@ -304,7 +306,10 @@ def run_suite(config: SuiteConfig, plan: Plan, file=None) -> dict[str, Any]:
     file = sys.stdout if file is None else file
     config.results.mkdir(parents=True, exist_ok=True)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
-    log_dir = config.results / "logs" / run_id
+    # Logs beside the records, except for the project's own results folder, whose records are
+    # committed: its logs go under runs/ (ignored by git).
+    in_repo = config.results.resolve() == (BENCH_DIR / "results").resolve()
+    log_dir = (REPO_ROOT / "runs" / "bench-logs" if in_repo else config.results / "logs") / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     deadline = start + config.budget_s
