@@ -251,7 +251,6 @@ def graph_fields(fn: Callable[[], Any], eager: Stats, *, warmup: int, reps: int,
     try:
         graphed = measure_graph(fn, warmup=warmup, reps=reps, device=device, flush_l2=eager.l2_flushed)
     except Exception as exc:  # noqa: BLE001 -- a capture failure is a figure we report, not a crash
-        torch.cuda.synchronize(device)
         return {**empty, "graph_error": f"{type(exc).__name__}: {exc}"[:200]}
     return {"graph_median_ms": graphed.median_ms, "graph_p20_ms": graphed.p20_ms,
             "graph_p80_ms": graphed.p80_ms, "launch_overhead_ms": eager.median_ms - graphed.median_ms}
