@@ -294,3 +294,27 @@ def test_real_smoke_run_of_one_benchmark(tmp_path):
                                             "pack_bins, ndarray in"}
     assert "## packing" in (results / "REPORT.md").read_text()
     assert (harness.RESULTS_DIR / "packing.jsonl").read_bytes() == before  # nothing leaked into the repo
+
+
+def test_debate_engine_options_fit_the_workload():
+    """max_model_len covers round 2's prompt plus its output (rounded up to a block), max_num_seqs the
+    problems x agents, the KV cache every sequence at full length without sharing x 1.25; flags win."""
+    import argparse
+
+    from benchmarks.bench_debate import engine_options, kv_bytes_per_token
+
+    config = argparse.Namespace(num_hidden_layers=28, num_key_value_heads=8, head_dim=128, hidden_size=2048,
+                                num_attention_heads=16)
+    args = argparse.Namespace(question=384, agents=5, output=128, suffix=32, warmup=3, reps=20, problems=8,
+                              max_model_len=None, max_num_seqs=None, kv_cache_gib=None, dtype=torch.bfloat16)
+    per_token = kv_bytes_per_token(config, torch.bfloat16)
+    assert per_token == 2 * 28 * 8 * 128 * 2
+    options = engine_options(args, config)
+    assert options["max_model_len"] == 1184  # 384 + 5 * 128 + 32 + 128, a multiple of 16
+    assert options["max_num_seqs"] == 40
+    assert options["kv_cache_memory"] == int(1.25 * 40 * 1184 * per_token)
+    args.output, args.reps = 6, 40  # the timed decode steps outlast the answers: they set the length
+    assert engine_options(args, config)["max_model_len"] == -(-(384 + 30 + 32 + 45) // 16) * 16
+    args.max_model_len, args.max_num_seqs, args.kv_cache_gib = 2048, 64, 1.5
+    assert engine_options(args, config) == {"max_model_len": 2048, "max_num_seqs": 64,
+                                            "kv_cache_memory": int(1.5 * 2**30)}
