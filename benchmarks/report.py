@@ -234,15 +234,22 @@ def _plot_history(history: dict[str, list[dict[str, Any]]], specs: dict, path: P
             series[(bench, p["device"])].append(p)
     if not series:
         return False
+    import datetime as dt
+
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for (bench, device), points in sorted(series.items()):
-        ax.plot(range(len(points)), [p["ratio"] for p in points], marker="o",
+        when = [dt.datetime.fromisoformat(p["date"]) for p in points]
+        ax.plot(when, [p["ratio"] for p in points], marker="o",
                 label=f"{bench}: {specs[bench]['headline']} / {specs[bench]['baseline']} ({device})")
-        for i, p in enumerate(points):
-            ax.annotate(p["commit"], (i, p["ratio"]), fontsize=6, xytext=(2, 3), textcoords="offset points")
+        for x, p in zip(when, points):
+            ax.annotate(p["commit"], (x, p["ratio"]), fontsize=6, xytext=(2, 3), textcoords="offset points")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel("run, in time order (commit annotated)")
+    dates = [dt.datetime.fromisoformat(p["date"]) for points in series.values() for p in points]
+    if max(dates) - min(dates) < dt.timedelta(days=1):  # one day of runs: an axis of hours, not years
+        ax.set_xlim(min(dates) - dt.timedelta(hours=6), max(dates) + dt.timedelta(hours=6))
+    ax.set_xlabel("date of the run (UTC; commit annotated)")
+    fig.autofmt_xdate()
     ax.set_ylabel("headline ratio (geometric mean over shapes)")
     ax.set_title("headline ratios across commits", fontsize=10)
     ax.legend(fontsize=7, loc="best")
