@@ -172,10 +172,12 @@ def run_arkfast(path: Path, workloads, args, **options) -> dict:
     timed in round 2's steady state."""
     llm = LLM(path, dtype=args.dtype, device=args.device, **options)
     warm_seconds, _, _ = debate_pass(llm, workloads[0], args)
+    _progress(args, "warm-up pass", warm_seconds)
     seconds = []
-    for workload in workloads[1:]:
+    for i, workload in enumerate(workloads[1:], 1):
         t, generated, answers = debate_pass(llm, workload, args)
         seconds.append(t)
+        _progress(args, f"pass {i}/{len(workloads) - 1}", t, generated)
     stats = llm.stats  # cumulative over every pass (all of the same shape)
     row = {**pass_stats(warm_seconds, seconds, generated), "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"],
            "cascade_steps": stats["cascade_steps"], "steps": stats["steps"],
@@ -237,8 +239,18 @@ def run_hf(model, workloads, args) -> dict:
         return time.perf_counter() - t0, sum(map(len, round1)) + sum(map(len, round2))
 
     warm_seconds, _ = one_pass(workloads[0])
-    timed = [one_pass(w) for w in workloads[1:]]
+    _progress(args, "warm-up pass", warm_seconds)
+    timed = []
+    for i, workload in enumerate(workloads[1:], 1):
+        timed.append(one_pass(workload))
+        _progress(args, f"pass {i}/{len(workloads) - 1}", *timed[-1])
     return pass_stats(warm_seconds, [t for t, _ in timed], timed[-1][1])
+
+
+def _progress(args, what: str, seconds: float, tokens: int | None = None) -> None:
+    """One line on stderr per pass: long CPU runs show where they are."""
+    rate = f", {tokens / seconds:,.0f} tok/s" if tokens else ""
+    print(f"  {args.current}: {what} {seconds:.2f} s{rate}", file=sys.stderr, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted([*SHAPES, ZOO]), default=None,
                         help=f"model shapes (default qwen2.5-0.5b qwen3-1.7b on CUDA, {ZOO} (the shipped model) "
                              "on CPU, tiny with --smoke)")
-    parser.add_argument("--problems", type=int, default=None, help="problems P (default 8; 16 on CPU; 1 with --smoke)")
+    parser.add_argument("--problems", type=int, default=None, help="problems P (default 8; 1 with --smoke)")
     parser.add_argument("--agents", type=int, default=5, help="agents per problem (default 5)")
     parser.add_argument("--question", type=int, default=None,
                         help="question tokens (default 384, so round 2's shared prefix is 384 + 5 x 128 = 1024; "
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.agents}, {args.kv_cache_gib}")
     smoke, cpu = args.smoke, args.device.type == "cpu"
     args.shapes = args.shapes or (["tiny"] if smoke else [ZOO] if cpu else ["qwen2.5-0.5b", "qwen3-1.7b"])
-    args.problems = args.problems or (1 if smoke else 16 if cpu else 8)
+    args.problems = args.problems or (1 if smoke else 8)
     args.question = args.question or (40 if smoke else 128 if cpu else 384)
     args.suffix = args.suffix or (5 if smoke else 32)
     args.output = args.output or (6 if smoke else 96 if cpu else 128)
@@ -305,26 +317,34 @@ def main(argv: list[str] | None = None) -> None:
                     "suffix": args.suffix, "output": args.output, "dtype": str(args.dtype).removeprefix("torch."),
                     "copy_gbps": args.copy_gbps, "engine_options": json.dumps(options, sort_keys=True)}
             providers = {"arkfast": {}, "arkfast-no-sharing": {"enable_prefix_caching": False, "cascade": "off"}}
-            shape_rows = []
-            for name, extra in providers.items():
-                shape_rows.append({**base, "provider": name, **run_arkfast(folder, workloads, args, **options, **extra)})
-                _free(args.device)
-            if args.hf:
-                shape_rows.append({**base, "provider": "hf-generate", **run_hf(hf_model, workloads, args)})
-                hf_tps = shape_rows[-1]["tokens_per_s"]
-                for row in shape_rows:
-                    row["speedup_vs_hf"] = row["tokens_per_s"] / hf_tps
+            shape_rows, hf_tps = [], None
+            if args.hf:  # the baseline first: every later row gets its ratio as it is saved
+                args.current = f"{shape} hf-generate"
+                hf_row = {**base, "provider": "hf-generate", **run_hf(hf_model, workloads, args)}
+                hf_tps = hf_row["tokens_per_s"]
+                shape_rows.append(_finish(hf_row, hf_tps, args))
             del hf_model
             _free(args.device)
+            for name, extra in providers.items():
+                args.current = f"{shape} {name}"
+                row = {**base, "provider": name, **run_arkfast(folder, workloads, args, **options, **extra)}
+                shape_rows.append(_finish(row, hf_tps, args))
+                _free(args.device)
         rows += shape_rows
-        if args.save:  # shape by shape: a run cut short keeps what it measured
-            harness.save_rows("debate", shape_rows, device=args.device)
     if cpu:
         print(f"device: {harness.cpu_model_name()}; {args.repeats} timed passes per provider, median", file=sys.stderr)
     harness.print_table(rows, columns=["shape", "provider", "tokens_per_s", "speedup_vs_hf", "seconds", "p20_seconds",
                                        "p80_seconds", "compile_s", "generated_tokens", "prefix_cache_hit_rate",
                                        "cascade_steps", "decode_batch", "decode_step_ms", "decode_p20_ms",
                                        "decode_p80_ms", "bound_ms", "pct_of_bound"])
+
+
+def _finish(row: dict, hf_tps: float | None, args) -> dict:
+    """Add the ratio to transformers and save the row now: a run cut short keeps what it measured."""
+    row["speedup_vs_hf"] = None if hf_tps is None else row["tokens_per_s"] / hf_tps
+    if args.save:
+        harness.append_result("debate", row, device=args.device)
+    return row
 
 
 def _free(device: torch.device) -> None:
