@@ -66,6 +66,14 @@ def rms_norm_cases(dtype, device, gen, smoke) -> Iterator[Case]:
         yield f"{rows}x{H}", lambda: rms_norm(x, w, 1e-6), lambda: rms_norm_reference(_up(x), _up(w), 1e-6), False
         yield (f"{rows}x{H}+residual", lambda: rms_norm(x, w, 1e-6, r),
                lambda: rms_norm_reference(_up(x), _up(w), 1e-6, _up(r)), False)
+        g = _rand(gen, rows, H, dtype=dtype, device=device)
+
+        def grads(fn, x, w, g):
+            xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
+            fn(xl, wl, 1e-6).backward(g)
+            return xl.grad, wl.grad
+        yield (f"{rows}x{H} backward", lambda: grads(rms_norm, x, w, g),
+               lambda: grads(rms_norm_reference, _up(x), _up(w), _up(g)), False)
 
 
 def rope_cases(dtype, device, gen, smoke) -> Iterator[Case]:
@@ -80,6 +88,16 @@ def rope_cases(dtype, device, gen, smoke) -> Iterator[Case]:
         inv_freq = inv_freq.to(device)
         yield (f"T{T} {Hq}/{Hkv} D{D}", lambda: apply_rope(q, k, pos, inv_freq, scale),
                lambda: apply_rope_reference(_up(q), _up(k), pos, inv_freq.double(), scale), False)
+        gq = _rand(gen, T, Hq, D, dtype=dtype, device=device)
+        gk = _rand(gen, T, Hkv, D, dtype=dtype, device=device)
+
+        def grads(fn, q, k, gq, gk, freq):
+            ql, kl = q.detach().requires_grad_(), k.detach().requires_grad_()
+            out_q, out_k = fn(ql, kl, pos, freq, scale)
+            torch.autograd.backward([out_q, out_k], [gq, gk])
+            return ql.grad, kl.grad
+        yield (f"T{T} {Hq}/{Hkv} D{D} backward", lambda: grads(apply_rope, q, k, gq, gk, inv_freq),
+               lambda: grads(apply_rope_reference, _up(q), _up(k), _up(gq), _up(gk), inv_freq.double()), False)
 
 
 def swiglu_cases(dtype, device, gen, smoke) -> Iterator[Case]:
