@@ -9,10 +9,22 @@ import sys
 
 import torch
 
-# (atol, rtol) per input dtype, for outputs compared against a float32/float64 reference. The bf16
-# tolerance also absorbs a quirk of the Triton interpreter: it truncates fp32 -> bf16 where the GPU
-# rounds to nearest, so interpreted bf16 results can sit one ulp off the reference. fp16 conversions
-# round correctly there; tests that check rounding order bit for bit use fp16.
+# Unit roundoffs (half an ulp at 1.0): the relative error of one correctly rounded operation.
+U64, U32, U16, UBF16 = 2.0 ** -53, 2.0 ** -24, 2.0 ** -11, 2.0 ** -8
+
+# (atol, rtol) per input dtype, for a kernel's output compared against a float64 reference of the same
+# op. Where they come from: a kernel accumulates in fp32 and its longest reduction in the kernel tests
+# is n <= ~2k terms (attention over <= 2048 keys, a dot over <= 256 dims, a norm over <= 4096); the
+# deterministic bound on such a sum's error is gamma_n = n * u_fp32 relative to the sum of |terms|,
+# and its typical (ISA- and order-independent in distribution) size sqrt(n) * u. For outputs of O(1)
+# -- softmax-weighted averages, normalised rows -- that gives an error ~sqrt(2048) * 6e-8 = 2.7e-6
+# typical, 1.2e-4 at worst: fp32 atol 1e-5 sits above the typical size with margin, rtol 1e-4 at the
+# worst-case bound for the large elements. fp16: one rounding of the output (u = 4.9e-4) plus fp16
+# inputs whose rounding the reference sees too: 2e-3 = 4u. bf16: output rounding (u = 3.9e-3) and the
+# Triton interpreter's fp32 -> bf16 truncation (where the GPU rounds to nearest), a full ulp 2u, plus
+# fp32 accumulation: 2e-2 ~ 5u. fp16 conversions round correctly in the interpreter; tests that check
+# rounding order bit for bit use fp16. float64: 1e-10 / 1e-8 is n * u64 for n ~ 10^5-10^7, far above
+# any float64 reduction the tests do, so a float64 failure is a real difference in the maths.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
     torch.float32: (1e-5, 1e-4),
@@ -46,6 +58,24 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
            f"mean abs err {err.mean().item() if err.numel() else 0:.3e}, all finite={finite}, "
            f"atol={atol}, rtol={rtol}")
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=msg, equal_nan=False)
+
+
+def hf_float64_rtol(num_layers: int, hidden_size: int, max_len: int) -> float:
+    """Relative bound on the difference between arkfast and transformers, both run in float64.
+
+    transformers computes some steps in float32 even for a float64 model: ``LlamaRMSNorm`` (and its
+    Qwen/Mistral copies) casts its input to float32 and sums the squares there; eager attention takes
+    its softmax in float32. Each cast rounds by u_fp32 = 2^-24 relative and each fp32 sum of n terms is
+    within gamma_n = n * u of exact (Higham, Accuracy and Stability, Thm. 3.1), whatever the order of
+    summation, i.e. whatever vector ISA ATen picked. Per layer there are two norms over ``hidden_size``
+    and one softmax over at most ``max_len`` keys, plus the final norm; a relative perturbation of an
+    activation passes the residual stream with gain about 1, so the relative errors add:
+
+        rtol = ((2 L + 1) (H + 2) + L (max_len + 2)) * u_fp32
+
+    Everything else is float64 on both sides (its error is ~1e-16, negligible). Tests multiply it by the
+    magnitude of what they compare (max |logit|, max |grad|)."""
+    return ((2 * num_layers + 1) * (hidden_size + 2) + num_layers * (max_len + 2)) * U32
 
 
 def dense_attention(q, keys, values, scale=None):

@@ -7,6 +7,9 @@ import torch
 from arkfast.kernels.rms_norm import _rms_norm_triton, rms_norm, rms_norm_reference
 from kernel_testing import MUL32, MUL64, assert_close, assert_compiles_sm90, poison_like, sm90_ptx
 
+# Numerically sensitive: CI also runs these under other ATen CPU capabilities (.ci/run).
+pytestmark = pytest.mark.numerics
+
 rms_mod = importlib.import_module("arkfast.kernels.rms_norm")
 
 
@@ -107,7 +110,10 @@ def test_backward_matches_reference_autograd(triton_interp, dtype, residual):
     loss(rms_norm, leaves).backward()
     loss(rms_norm_reference, ref_leaves).backward()
     for name, a, e in zip(("x", "weight", "residual"), leaves, ref_leaves):
-        # The weight gradient sums 17 rows: bf16 rounding of the per-row products differs in order.
+        # The weight gradient sums 17 rows of g * x_hat, each product rounded to bf16 (u = 2^-8) in
+        # another order than the reference's: |error| <= 17 terms * u * max|g * x_hat|, and with
+        # |g|, |x_hat| <= ~4 sigma of N(0, 1) draws that is 17 * 3.9e-3 * ~1.5 (a typical large term)
+        # = 0.1 absolute; rtol 2e-2 ~ 5u covers the output's own rounding on large entries.
         tol = {} if dtype == torch.float32 or name != "weight" else {"atol": 0.1, "rtol": 0.02}
         assert_close(a.grad, e.grad, name=f"grad {name}", **tol)
 

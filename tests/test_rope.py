@@ -7,6 +7,9 @@ import arkfast.kernels.rope as rope_mod
 from arkfast.kernels.rope import _apply_rope_triton, apply_rope, apply_rope_reference, rope_inv_freq
 from kernel_testing import MUL32, MUL64, assert_close, assert_compiles_sm90, poison_like, sm90_ptx
 
+# Numerically sensitive: CI also runs these under other ATen CPU capabilities (.ci/run).
+pytestmark = pytest.mark.numerics
+
 # A 64-bit product of two registers (row * stride in int64) and a 32-bit one (the same product left
 # in int32, which wraps past 2**31 elements) in sm_90 PTX; multiplies by constants are not matched.
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -22,7 +22,7 @@ from arkfast.zoo.data import (
     wrong_solution,
 )
 from arkfast.zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, load_tokenizer
-from kernel_testing import assert_close
+from kernel_testing import assert_close, hf_float64_rtol
 
 TINY = tiny_model_path()
 shipped = pytest.mark.skipif(not (TINY / "config.json").is_file(), reason="no shipped checkpoint")
@@ -211,12 +211,15 @@ def test_shipped_tokenizer_is_what_train_tiny_builds():
 
 
 @shipped
+@pytest.mark.numerics
 def test_shipped_checkpoint_matches_transformers():
     from transformers import AutoModelForCausalLM
 
+    """The shipped weights give transformers' logits; both in float64, within the bound on
+    transformers' own float32 steps (kernel_testing.hf_float64_rtol)."""
     tok = load_tokenizer(TINY)
-    ours = load_model(TINY, dtype=torch.float32).eval()
-    theirs = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32).eval()
+    ours = load_model(TINY, dtype=torch.float32).double().eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float64).eval()
     task = ArithTask()
     builder = PromptBuilder(tok, task)
     problems = arith_problems("test", 3)
@@ -226,10 +229,12 @@ def test_shipped_checkpoint_matches_transformers():
         ctx, positions = VarlenContext.from_lengths([len(p) for p in prompts])
         hidden = ours(torch.tensor([t for p in prompts for t in p]), positions, ctx)
         logits = ours.compute_logits(hidden).split([len(p) for p in prompts])
+        cfg = theirs.config
+        rtol = hf_float64_rtol(cfg.num_hidden_layers, cfg.hidden_size, max(map(len, prompts)))
         for ids, mine in zip(prompts, logits):
             ref = theirs(torch.tensor([ids])).logits[0]
             scale = ref.abs().max().item()
-            assert_close(mine, ref, torch.float32, atol=1e-4 * scale, rtol=1e-4, name="tiny model logits")
+            assert_close(mine, ref, torch.float64, atol=rtol * scale, rtol=0.0, name="tiny model logits")
 
 
 @shipped
