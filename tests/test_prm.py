@@ -1,0 +1,253 @@
+"""The process reward model: the exact arith step checker, the eval metrics against hand-computed
+values, Monte-Carlo labels on the engine, the packed step scores against transformers, training,
+save/reload, the CLI's files and its one-line errors."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from arkfast.generate import default_model_path
+from arkfast.models import load_tokenizer
+from arkfast.prm import (
+    LabelConfig,
+    LabelStats,
+    PRMConfig,
+    PRMTrainConfig,
+    ProcessRewardModel,
+    best_of_n,
+    check_steps,
+    encode_trajectory,
+    first_error,
+    first_error_f1,
+    load_prm,
+    majority_of_n,
+    monte_carlo_labels,
+    pack_step_rows,
+    pass_at_n,
+    predicted_first_error,
+    save_prm,
+    score_examples,
+    step_auroc,
+    train_prm,
+)
+from arkfast.prm.evaluate import solution_record, trajectory_scores
+from arkfast.prm.training import supcon_sum
+from arkfast.tasks import ArithTask, arith_problems
+from arkfast.trajectories import TrajectoryFileError, tokenizer_fingerprint, write_trajectories
+
+TINY = default_model_path()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(TINY)
+
+
+def _record(tok, problem, response, sample=0):
+    return solution_record(ArithTask(), problem, response, sample=sample, fingerprint=tokenizer_fingerprint(tok))
+
+
+def _corrupt(solution: str, step: int, delta: int = 1) -> str:
+    """The reference solution with the result of equation ``step`` off by ``delta``, carried on."""
+    lines = solution.split("\n")
+    a, rest = lines[step].split(" = ")
+    lines[step] = f"{a} = {int(rest) + delta}"
+    if step + 1 < len(lines):
+        nxt = lines[step + 1].split(" ")
+        if nxt[0] != "Answer:":
+            nxt[0] = str(int(rest) + delta)
+            lines[step + 1] = " ".join(nxt)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the exact arith checker
+# ------------------------------------------------------------------------------------------------
+REF = "7 + 5 = 12\n12 * 3 = 36\n36 / 4 = 9\nAnswer: 9"
+
+
+def _steps(text):
+    spans, start = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            spans.append((start, start + len(line)))
+        start += len(line) + 1
+    return spans
+
+
+@pytest.mark.parametrize("response, expected", [
+    (REF, [True, True, True, True]),
+    ("5 + 7 = 12\n3 * 12 = 36\n36 / 4 = 9\nAnswer: 9", [True, True, True, True]),   # operands swapped
+    ("7 + 5 = 13\n13 * 3 = 39\n39 / 4 = 9\nAnswer: 9", [False, False, False, True]),  # false equations
+    ("7 + 5 = 12\n12 * 2 = 24\n24 / 4 = 6\nAnswer: 6", [True, False, False, False]),  # true, off the reference
+    ("7 + 5 = 12\n12 * 3 = 36\nAnswer: 36", [True, True, False]),                     # a step skipped
+    ("7 + 5 = 12\nso it is 12\n36 / 4 = 9\n9 + 1 = 10\nAnswer: 10", [True, False, True, False, False]),
+    ("37 / 4 = 9\nAnswer: 9", [False, True]),                                         # inexact division
+])
+def test_check_steps_hand_cases(response, expected):
+    right = check_steps(response, _steps(response), REF)
+    assert right == expected
+    assert first_error(right) == next((i for i, ok in enumerate(expected) if not ok), None)
+
+
+def test_check_steps_on_generated_solutions():
+    for p in arith_problems("train", 30):
+        sol = p.meta["solution"]
+        n = len(sol.split("\n"))
+        assert check_steps(sol, _steps(sol), sol) == [True] * n
+        bad = _corrupt(sol, 1)
+        assert first_error(check_steps(bad, _steps(bad), sol)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+def test_step_auroc_hand_values_and_pairs():
+    assert step_auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert step_auroc([0.1, 0.8, 0.9], [True, True, False]) == 0.0
+    # pairs (right, wrong): (0.5 vs 0.5) tie = 1/2, (0.5 vs 0.2) = 1, (0.1 vs 0.5) = 0, (0.1 vs 0.2) = 0
+    assert step_auroc([0.5, 0.1, 0.5, 0.2], [True, True, False, False]) == pytest.approx(1.5 / 4)
+    assert step_auroc([0.3, 0.4], [True, True]) is None
+    rng = random.Random(3)
+    for _ in range(20):  # against counting all pairs, with many ties
+        n = rng.randint(2, 40)
+        scores = [rng.randint(0, 5) / 5 for _ in range(n)]
+        right = [rng.random() < 0.6 for _ in range(n)]
+        if all(right) or not any(right):
+            continue
+        pos = [s for s, r in zip(scores, right) if r]
+        neg = [s for s, r in zip(scores, right) if not r]
+        pairs = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+        assert step_auroc(scores, right) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+
+
+def test_first_error_f1_hand_values():
+    assert predicted_first_error([0.9, 0.4, 0.2]) == 1
+    assert predicted_first_error([0.9, 0.6], threshold=0.7) == 1
+    assert predicted_first_error([0.9, 0.8]) is None
+    # flawed: first errors 1, 2, 0 predicted 1, None, 0 -> 2/3; correct: 2 predicted None, 1 not -> 2/3
+    out = first_error_f1([1, None, 0, None, None, 3], [1, 2, 0, None, None, None])
+    assert out["error_accuracy"] == pytest.approx(2 / 3)
+    assert out["correct_accuracy"] == pytest.approx(2 / 3)
+    assert out["f1"] == pytest.approx(2 / 3)
+    out = first_error_f1([1, 0], [1, None])  # 1.0 and 0.0 -> F1 0
+    assert (out["error_accuracy"], out["correct_accuracy"], out["f1"]) == (1.0, 0.0, 0.0)
+    out = first_error_f1([1, None, None], [1, 0, None])  # 1/2 and 1 -> 2/3
+    assert out["f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert first_error_f1([None], [None])["f1"] is None
+
+
+def test_best_of_n_majority_pass_hand_values():
+    scores = [[0.2, 0.9, 0.5], [0.7, 0.7, 0.1], [0.1, 0.2, 0.3]]
+    correct = [[True, False, True], [False, True, True], [False, False, False]]
+    answers = [["4", "5", "4"], ["1", "2", "2"], [None, "9", "8"]]
+    assert best_of_n(scores, correct) == pytest.approx(0 / 3)  # picks 0.9 (wrong), first 0.7 (wrong), wrong
+    assert majority_of_n(answers, correct) == pytest.approx(2 / 3)  # "4" right, "2" right, "9" (first) wrong
+    assert pass_at_n(correct) == pytest.approx(2 / 3)
+    assert trajectory_scores([0.5, 0.8, 0.25]) == (0.25, 0.1)
+
+
+def test_supcon_matches_a_plain_python_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(7, 5, generator=gen, dtype=torch.float64), dim=-1)
+    classes = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    zl, cl, tau = z.tolist(), classes.tolist(), 0.1
+    total = 0.0
+    for i in range(7):
+        pos = [p for p in range(7) if p != i and cl[p] == cl[i]]
+        denom = sum(math.exp(sum(a * b for a, b in zip(zl[i], zl[a])) / tau) for a in range(7) if a != i)
+        total += -sum(math.log(math.exp(sum(a * b for a, b in zip(zl[i], zl[p])) / tau) / denom)
+                      for p in pos) / len(pos)
+    assert supcon_sum(z, classes, tau).item() == pytest.approx(total, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model: packed step scores against transformers, save / reload
+# ------------------------------------------------------------------------------------------------
+def _records(tok, n, seed=0, split="train"):
+    """Reference solutions of ``n`` arith problems, every other one corrupted at a random step."""
+    rng = random.Random(seed)
+    out = []
+    for i, p in enumerate(arith_problems(split, n)):
+        sol = p.meta["solution"]
+        if i % 2:
+            sol = _corrupt(sol, rng.randrange(sol.count("\n")), rng.choice([-2, -1, 1, 3]))
+        out.append(_record(tok, p, sol))
+    return out
+
+
+def test_packed_step_scores_match_transformers_in_float64(tok):
+    from kernel_testing import hf_float64_rtol
+    from transformers import AutoModel
+
+    records = _records(tok, 7, seed=1)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(), seed=3).double()
+    torch.nn.init.normal_(prm.head.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    examples = [encode_trajectory(tok, r) for r in records]
+    assert len(pack_step_rows(examples, 300)) < len(examples)  # several sequences share a row
+    ours = score_examples(prm, examples, row_tokens=300)
+    # The same maths packed and one sequence at a time: float64 round-off only.
+    alone = [score_examples(prm, [ex], row_tokens=len(ex))[0] for ex in examples]
+    assert max(abs(a - b) for x, y in zip(ours, alone) for a, b in zip(x, y)) < 1e-12
+    hf = AutoModel.from_pretrained(str(TINY), dtype=torch.float64).eval()
+    cfg = prm.backbone.config
+    # transformers keeps its norms and softmax in float32 (kernel_testing.hf_float64_rtol): a relative
+    # error rel in each hidden component moves the logit w.h by at most rel * sum_i |w_i h_i|, and the
+    # probability by a quarter of that (sigmoid is 1/4-Lipschitz).
+    rel = hf_float64_rtol(cfg.num_layers, cfg.hidden_size, max(len(ex) for ex in examples))
+    w = prm.head.weight[0].abs()
+    worst = 0.0
+    with torch.no_grad():
+        for ex, got in zip(examples, ours):
+            hidden = hf(torch.tensor([ex.input_ids])).last_hidden_state[0]  # [L, H], final norm applied
+            h = hidden[list(ex.step_ends)]  # [S, H]
+            want = torch.sigmoid(prm.head(h).squeeze(-1))
+            err = (torch.tensor(got, dtype=torch.float64) - want).abs()
+            bound = rel * (h.abs() * w).sum(-1) / 4
+            worst = max(worst, (err / bound).max().item())
+    assert worst <= 1.0, f"error {worst:.2f} x the bound"
+
+
+def load_prm_backbone():
+    from arkfast.models import load_model
+
+    return load_model(TINY)
+
+
+def test_step_ends_are_each_steps_last_token(tok):
+    record = _records(tok, 1)[0]
+    ex = encode_trajectory(tok, record)
+    ids = list(ex.input_ids)
+    # every step but the last ends on the token holding its newline (the tiny tokenizer has one
+    # "\nAnswer: " token, which starts in the gap after the last equation); the last step on the
+    # response's last token
+    assert all(tok.decode([ids[e]]).startswith("\n") for e in ex.step_ends[:-1])
+    assert ex.step_ends[-1] == len(ids) - 1
+    text = record["response"]
+    for k, (s, e) in enumerate(record["steps"][1:-1], start=1):
+        assert tok.decode(ids[ex.step_ends[k - 1] + 1:ex.step_ends[k] + 1]).lstrip().startswith(text[s:e])
+
+
+def test_save_and_reload_round_trip(tmp_path, tok):
+    records = _records(tok, 5, seed=2)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(projection_dim=16, tokenizer=tokenizer_fingerprint(tok),
+                                                            label_source="outcome"), seed=1)
+    examples = [encode_trajectory(tok, r) for r in records]
+    before = score_examples(prm, examples)
+    save_prm(prm, tmp_path / "prm", tokenizer=tok)
+    save_prm(prm, tmp_path / "prm", tokenizer=tok)  # over an existing folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prm"]
+    again = load_prm(tmp_path / "prm")
+    assert again.config == prm.config
+    assert score_examples(again, examples) == before
+    for name, p in prm.head_state().items():
+        assert torch.equal(again.head_state()[name], p), name
+    with pytest.raises(ValueError, match="not a PRM folder"):
+        load_prm(TINY)
