@@ -51,7 +51,7 @@ except ImportError:  # run as a script: python benchmarks/bench_debate.py
 
 # python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py).
 SUITE = {"gpu": {"budget_s": 90, "args": ["--repeats", "2"]},
-         "cpu": {"budget_s": 300, "args": ["--repeats", "3"]},
+         "cpu": {"budget_s": 600, "args": ["--repeats", "3"]},
          "smoke": {"budget_s": 60}}  # transformers' imports alone take seconds on a loaded CI machine
 # python -m benchmarks.report: how its records are read (see benchmarks/report.py).
 REPORT = {"key": ["shape", "problems", "agents", "question", "suffix", "output", "dtype"],

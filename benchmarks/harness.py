@@ -328,7 +328,8 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
                                  "host_cpu": cpu_model_name()}
     else:
         name = cpu_model_name()
-        extra = {"cpu_count": os.cpu_count()}
+        # torch's intra-op threads: a CPU figure depends on them (OMP_NUM_THREADS sets them).
+        extra = {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     try:
         import triton
         triton_version = triton.__version__

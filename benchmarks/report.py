@@ -39,7 +39,8 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
-ENV_FIELDS = ("timestamp_utc", "device", "device_type", "cuda", "capability", "host_cpu", "cpu_count", "torch",
+ENV_FIELDS = ("timestamp_utc", "device", "device_type", "cuda", "capability", "host_cpu", "cpu_count", "threads",
+              "torch",
               "triton", "python", "commit", "dirty", "bench_run", "suite_run", "smoke", "bench")
 SPEC_FIELDS = {"key", "provider", "metric", "higher_is_better", "baseline", "headline", "ceiling",
                "ceiling_scale", "extra"}

@@ -96,7 +96,7 @@ def test_real_benchmarks_declare_plans_that_fit():
     assert plan.planned_s <= 480
     names = {s.name for s in plan.steps}
     assert {"decode_attention", "debate", "fused_loss", "rms_norm"} <= names
-    cpu = suite.build_plan(suite.SuiteConfig(mode="cpu", results=Path("/x"), budget_s=900))
+    cpu = suite.build_plan(suite.SuiteConfig(mode="cpu", results=Path("/x"), budget_s=suite.DEFAULT_TOTAL_S["cpu"]))
     assert {"debate", "fused_loss", "packing"} <= {s.name for s in cpu.steps}
 
 
