@@ -1,0 +1,103 @@
+"""The experiment's settings: one validated dataclass, built from the flags of ``python -m arkfast.experiment``.
+
+Settings that shape the data or the training (the ``DATA_KEYS``) are stored in the experiment folder's
+``config.json`` on the first run; a rerun with other values there is refused (it would mix two
+experiments in one table). Seeds, evaluation seeds, the systems and the parallelism may change between
+runs: more seeds add rows' samples, finished ones are reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["DATA_KEYS", "STUDENTS", "ExperimentConfig"]
+
+# The trained systems: name -> (distill mode, what it is trained on).
+STUDENTS = {
+    "rsft": ("rsft", "R-SFT: one correct final-round debate trajectory per problem the committee got right"),
+    "da": ("da", "DA: distinct correct debate trajectories, at most --max-per-problem per problem"),
+    "pad": ("pad", "PAD: correct and incorrect debate trajectories, token weights from PRM step scores"),
+    "rft-tokens": ("rsft", "RFT matched to R-SFT in training tokens: distinct correct single-agent samples, "
+                           "one per problem in turn, until R-SFT's token count is reached"),
+    "rft-compute": ("da", "RFT matched to DA in generation compute: agents x rounds single-agent samples per "
+                          "problem, distinct correct ones kept as DA keeps them"),
+}
+
+# The matched control of each debate-trained student.
+CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute"}
+
+DATA_KEYS = ("model", "train_problems", "test_problems", "agents", "rounds", "sc_agents", "rft_samples",
+             "temperature", "max_per_problem", "epochs", "lr", "row_tokens", "pad_weighting", "prm_label_limit",
+             "prm_k", "prm_steps")
+
+
+def _int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Every setting of one experiment (``python -m arkfast.experiment --help`` says what each does)."""
+
+    output: str = "runs/experiment"
+    model: str | None = None
+    train_problems: int = 500
+    test_problems: int = 500
+    seeds: int = 3
+    eval_seeds: int = 2
+    agents: int = 5
+    rounds: int = 2
+    sc_agents: int = 5
+    rft_samples: int | None = None
+    temperature: float = 0.5
+    max_per_problem: int = 4
+    epochs: float = 2.0
+    lr: float = 3e-4
+    row_tokens: int = 1024
+    pad_weighting: str = "min"
+    prm_label_limit: int = 300
+    prm_k: int = 4
+    prm_steps: int = 200
+    systems: tuple[str, ...] = tuple(STUDENTS)
+    reuse_debates: str | None = None
+    jobs: int = 2
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("train_problems", 1), ("test_problems", 1), ("seeds", 1), ("eval_seeds", 1),
+                          ("agents", 1), ("rounds", 1), ("sc_agents", 1), ("max_per_problem", 1),
+                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1)):
+            _int(name, getattr(self, name), low)
+        if self.rft_samples is None:
+            self.rft_samples = self.agents * self.rounds  # as many samples as the debate's model calls
+        _int("rft_samples", self.rft_samples, 1)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+        for name in ("epochs", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        from arkfast.distill import PAD_WEIGHTINGS
+
+        if self.pad_weighting not in PAD_WEIGHTINGS:
+            raise ValueError(f"pad_weighting must be one of {PAD_WEIGHTINGS}, got {self.pad_weighting!r}")
+        self.systems = tuple(self.systems)
+        unknown = [s for s in self.systems if s not in STUDENTS]
+        if unknown or not self.systems:
+            raise ValueError(f"systems must be some of {', '.join(STUDENTS)}, got {','.join(self.systems) or 'none'}")
+
+    def data_settings(self, model: str) -> dict[str, Any]:
+        """The settings a rerun must share with the experiment it continues (``model`` resolved)."""
+        d = {**dataclasses.asdict(self), "model": model}
+        return {k: d[k] for k in DATA_KEYS}
+
+    def threads_per_job(self) -> int:
+        """torch CPU threads of each parallel job: the given ``threads``, else the cores shared out."""
+        import os
+
+        return self.threads or max(1, (os.cpu_count() or 1) // self.jobs)

@@ -1,0 +1,73 @@
+"""One student: distill (``python -m arkfast.distill``) then evaluate alone on the test split
+(``python -m arkfast.generate --protocol single``), once per evaluation seed.
+
+:func:`student_job` takes and returns plain dicts, so it runs the same inline or in a worker process
+(``spawn``: a fresh interpreter, no forked torch thread pool). Its console output goes to the job's
+``log.txt``, the main process prints one line per finished job.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["eval_argv", "student_job"]
+
+
+def eval_argv(model: str, output: Path, *, seed: int, problems: int, temperature: float,
+              protocol: str = "single", agents: int = 1, rounds: int = 1, split: str = "test") -> list[str]:
+    """The ``generate`` flags of one evaluation run (resumable: ``--resume`` into ``output``)."""
+    argv = ["--protocol", protocol, "--split", split, "--limit", str(problems), "--model", model,
+            "--seed", str(seed), "--temperature", str(temperature), "--output", str(output), "--resume"]
+    if protocol != "single":
+        argv += ["--agents", str(agents), "--rounds", str(rounds)]
+    return argv
+
+
+def evaluation(argv: list[str], output: Path) -> dict[str, Any]:
+    """Run ``generate.main(argv)`` and return what the table needs from its ``debates.jsonl``: the
+    cost (:func:`~arkfast.experiment.data.generation_cost`), accuracy, per-problem correctness and the
+    wall time of the call."""
+    from arkfast import generate
+
+    from .data import generation_cost, per_problem_correct
+
+    t0 = time.perf_counter()
+    generate.main(argv)
+    seconds = time.perf_counter() - t0
+    cost = generation_cost(output / "debates.jsonl")
+    return {**cost, "accuracy": cost["correct"] / cost["problems"] if cost["problems"] else 0.0,
+            "per_problem": per_problem_correct(output / "debates.jsonl"), "seconds": round(seconds, 2)}
+
+
+def student_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train ``job["system"]`` with ``job["seed"]`` (distill, resumable) and evaluate it with each seed
+    of ``job["eval_seeds"]``. Returns ``{"system", "seed", "train": {...}, "evals": {seed: {...}}}``."""
+    import torch
+
+    from arkfast import distill
+
+    torch.set_num_threads(job["threads"])
+    out = Path(job["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        t0 = time.perf_counter()
+        argv = ["--data", *job["data"], "--mode", job["mode"], "--model", job["model"],
+                "--output", str(out / "train"), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]),
+                "--lr", str(job["lr"]), "--row-tokens", str(job["row_tokens"]), "--eval-limit", "0",
+                "--threads", str(job["threads"]), "--no-progress", "--no-tensorboard", "--resume"]
+        if job["mode"] == "pad":
+            argv += ["--pad-weighting", job["pad_weighting"]]
+        result = distill.main(argv)
+        train = {"steps": result["steps_done"], "examples": result["data"]["examples"],
+                 "data_tokens": result["data"]["tokens"], "train_tokens": result["train_tokens"],
+                 "train_seconds": round(result["train_seconds"], 2), "final_loss": result["final_loss"],
+                 "wall_seconds": round(time.perf_counter() - t0, 2), "student": result["model"]}
+        evals = {}
+        for seed in job["eval_seeds"]:
+            path = out / f"eval-s{seed}"
+            evals[str(seed)] = evaluation(eval_argv(result["model"], path, seed=seed, problems=job["test_problems"],
+                                                    temperature=job["temperature"]), path)
+    return {"system": job["system"], "seed": job["seed"], "train": train, "evals": evals}

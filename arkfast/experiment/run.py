@@ -1,0 +1,296 @@
+"""The whole experiment, stage by stage, each reused when finished (:class:`~.stages.StageLog`).
+
+Experiment folder (default ``runs/experiment/``)::
+
+    config.json                 the data settings (a rerun must match them)
+    stages/<stage>.json         finished-stage markers (result, seconds); stages.jsonl: the log
+    train-debates/              debates of the first N train problems (copied from runs/arith-train when
+                                that run has them, the rest generated)
+    trajectories/               rsft / da / pad .jsonl from those debates
+    test/base-s<S>/, test/self-consistency/, test/debate/      the baselines on the test split
+    rft-samples/                rft_samples single-agent samples per train problem (self-consistency)
+    rft-trajectories/           their distinct correct ones (DA's rules): the compute-matched RFT set (da.jsonl)
+    rft-tokens/rft.jsonl        the training-token-matched RFT set, drawn from the same samples
+    prm/                        labels.jsonl, model/, scored/pad.jsonl (python -m arkfast.prm)
+    students/<system>/seed-<K>/ train/ (distill output), eval-s<S>/ (generate output), log.txt
+    experiment.json, experiment.md
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from arkfast.generate import write_json_atomic
+
+from .config import STUDENTS, ExperimentConfig
+from .report import write_report
+from .stages import StageLog
+
+__all__ = ["run_experiment"]
+
+
+def _check_settings(root: Path, settings: dict[str, Any]) -> None:
+    path = root / "config.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        for key, value in settings.items():
+            if previous.get(key) != value:
+                raise ValueError(f"{root} holds an experiment made with {key}={previous.get(key)!r}, now "
+                                 f"{key}={value!r}; use the same settings or another --output")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, settings)
+
+
+class _Experiment:
+    def __init__(self, cfg: ExperimentConfig, argv: list[str], log: Callable[[str], None]):
+        from arkfast.generate import default_model_path
+
+        self.cfg, self.argv, self.log = cfg, argv, log
+        self.root = Path(cfg.output)
+        self.model = str(Path(cfg.model).resolve()) if cfg.model else str(default_model_path())
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"--model {self.model}: no config.json there (expected a Hugging Face checkpoint)")
+        _check_settings(self.root, cfg.data_settings(self.model))
+        self.stages = StageLog(self.root, log)
+        self.missing: dict[str, str] = {}  # system -> why it has no (complete) row
+        self.t0, self.ended = time.perf_counter(), False
+        self.stages.event("experiment", "start", argv=argv)
+
+    def report(self) -> dict[str, Any]:
+        running = 0.0 if self.ended else time.perf_counter() - self.t0  # once ended, it is in stages.jsonl
+        return write_report(self.root, self.cfg, self.model, self.argv, self.missing, invocation_seconds=running)
+
+    # ------------------------------------------------------------------ data stages
+
+    def train_debates(self) -> dict[str, Any]:
+        """The committee's debates on the first ``train_problems`` train problems: records already in
+        the default run (or ``--reuse-debates``) are copied, the rest generated."""
+        from arkfast import workflow
+        from arkfast.tasks import load_problems
+
+        from .data import copy_reusable_debates, generation_cost
+        from .jobs import eval_argv
+
+        cfg, out = self.cfg, self.root / "train-debates"
+        task, problems = load_problems(None, split="train", limit=cfg.train_problems)
+        expected = {"protocol": "debate", "agents": cfg.agents, "rounds": cfg.rounds, "layout": "shared",
+                    "aggregator": False, "temperature": cfg.temperature, "top_p": 1.0, "top_k": -1,
+                    "max_tokens": task.default_max_tokens, "seed": 0, "task": task.name, "dataset": "arith",
+                    "split": "train", "model": self.model}
+        source = Path(cfg.reuse_debates) if cfg.reuse_debates else workflow.default_debates()
+        copied = copy_reusable_debates(source, out / "debates.jsonl", {p.id for p in problems}, expected,
+                                       log=self.log)
+        from arkfast import generate
+
+        t0 = time.perf_counter()
+        generate.main(eval_argv(self.model, out, seed=0, problems=cfg.train_problems, temperature=cfg.temperature,
+                                protocol="debate", agents=cfg.agents, rounds=cfg.rounds, split="train"))
+        return {**generation_cost(out / "debates.jsonl"), "reused_records": copied,
+                "reused_from": str(source) if copied else None, "generate_seconds": round(time.perf_counter() - t0, 2)}
+
+    def trajectories(self, debates: Path, output: Path) -> dict[str, Any]:
+        from arkfast.trajectories.__main__ import main as trajectories_main
+
+        stats = trajectories_main(["--debates", str(debates), "--output", str(output), "--model", self.model,
+                                   "--max-per-problem", str(self.cfg.max_per_problem)])
+        return {name: {k: s[k] for k in ("records", "problems", "correct", "incorrect")}
+                for name, s in stats["sets"].items()} | {"problems": stats["problems"]}
+
+    def baseline(self, output: Path, *, seed: int, protocol: str, agents: int = 1, rounds: int = 1) -> dict[str, Any]:
+        from .jobs import eval_argv, evaluation
+
+        return evaluation(eval_argv(self.model, output, seed=seed, problems=self.cfg.test_problems,
+                                    temperature=self.cfg.temperature, protocol=protocol, agents=agents,
+                                    rounds=rounds), output)
+
+    def rft_samples(self) -> dict[str, Any]:
+        """``rft_samples`` independent single-agent samples per train problem (self-consistency records)."""
+        from arkfast import generate
+
+        from .data import generation_cost
+        from .jobs import eval_argv
+
+        out = self.root / "rft-samples"
+        generate.main(eval_argv(self.model, out, seed=0, problems=self.cfg.train_problems,
+                                temperature=self.cfg.temperature, protocol="self-consistency",
+                                agents=self.cfg.rft_samples, split="train"))
+        return generation_cost(out / "debates.jsonl")
+
+    def rft_tokens(self) -> dict[str, Any]:
+        """The R-SFT-token-matched RFT set: distinct correct single-agent samples, one per problem in
+        turn, until R-SFT's tokens are reached (:func:`~.data.select_token_matched`)."""
+        from arkfast.distill import end_of_turn_id, load_examples, record_example
+        from arkfast.models import load_tokenizer
+        from arkfast.trajectories import read_trajectories, write_trajectories
+
+        from .data import select_token_matched
+
+        tokenizer = load_tokenizer(Path(self.model))
+        _, rsft = load_examples([self.root / "trajectories" / "rsft.jsonl"], tokenizer, "rsft",
+                                row_tokens=self.cfg.row_tokens)
+        pool = read_trajectories(self.root / "rft-trajectories" / "da.jsonl", tokenizer=tokenizer)
+        eos = end_of_turn_id(tokenizer)
+        chosen, tokens = select_token_matched(pool, lambda r: len(record_example(tokenizer, r, None, eos)),
+                                              rsft.tokens, seed=0)
+        out = self.root / "rft-tokens" / "rft.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_trajectories(out, chosen)
+        self.log(f"rft-tokens: {len(chosen)} records of {len({r['problem_id'] for r in chosen})} problems, "
+                 f"{tokens} tokens (R-SFT: {rsft.examples} records, {rsft.tokens} tokens)")
+        return {"records": len(chosen), "problems": len({r["problem_id"] for r in chosen}), "tokens": tokens,
+                "rsft_records": rsft.examples, "rsft_tokens": rsft.tokens}
+
+    def prm(self) -> Path | None:
+        """Label, train and score with ``python -m arkfast.prm`` (through its ``main``); the scored
+        ``pad.jsonl``, or None (PAD then has no row, and the reason is recorded)."""
+        try:
+            from arkfast.prm.__main__ import main as prm_main
+        except ImportError as e:
+            self.missing["pad"] = f"arkfast.prm is not available ({e}); PAD needs its scored pad.jsonl"
+            return None
+        cfg, prm = self.cfg, self.root / "prm"
+        pad = self.root / "trajectories" / "pad.jsonl"
+        labels, model, scored = prm / "labels.jsonl", prm / "model", prm / "scored" / "pad.jsonl"
+        threads = str(self.cfg.threads_per_job() * self.cfg.jobs)
+        try:
+            self.stages.run("prm-label", lambda: prm_main([
+                "label", "--trajectories", str(pad), "--output", str(labels), "--limit", str(cfg.prm_label_limit),
+                "--k", str(cfg.prm_k), "--model", self.model, "--seed", "0", "--resume"]))
+            self.stages.run("prm-train", lambda: prm_main([
+                "train", "--labels", str(labels), "--output", str(model), "--base-model", self.model,
+                "--steps", str(cfg.prm_steps), "--seed", "0", "--threads", threads]))
+            self.stages.run("prm-score", lambda: prm_main(["score", "--input", str(pad), "--prm", str(model),
+                                                           "--output", str(scored)]))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            self.missing["pad"] = f"python -m arkfast.prm failed: {e}"
+            self.log(f"error: {self.missing['pad']}")
+            return None
+        return scored
+
+    # ------------------------------------------------------------------ students
+
+    def student_jobs(self, data: dict[str, list[str]]) -> list[tuple[str, dict[str, Any]]]:
+        """``(marker name, job)`` for every (system, seed) whose marker lacks an evaluation seed; seed 0 of
+        every system first, so each row fills in early."""
+        cfg, jobs = self.cfg, []
+        for seed in range(cfg.seeds):
+            for system in cfg.systems:
+                if system not in data:
+                    continue
+                name = f"student-{system}-seed{seed}"
+                marker = self.stages.finished(name)
+                have = set(marker["result"]["evals"]) if marker else set()
+                todo = [s for s in range(cfg.eval_seeds) if str(s) not in have]
+                if marker is not None and not todo:
+                    self.stages.event(name, "reused")
+                    continue
+                jobs.append((name, {
+                    "system": system, "mode": STUDENTS[system][0], "seed": seed, "data": data[system],
+                    "model": self.model, "output": str(self.root / "students" / system / f"seed-{seed}"),
+                    "epochs": cfg.epochs, "lr": cfg.lr, "row_tokens": cfg.row_tokens,
+                    "pad_weighting": cfg.pad_weighting, "threads": cfg.threads_per_job(), "eval_seeds": todo,
+                    "test_problems": cfg.test_problems, "temperature": cfg.temperature}))
+        return jobs
+
+    def run_students(self, data: dict[str, list[str]]) -> None:
+        from tqdm.auto import tqdm
+
+        from .jobs import student_job
+
+        jobs = self.student_jobs(data)
+        if not jobs:
+            return
+        self.log(f"[students] {len(jobs)} jobs (distill + {self.cfg.eval_seeds} evaluations each), "
+                 f"{self.cfg.jobs} at a time, {self.cfg.threads_per_job()} thread(s) each; logs in "
+                 f"{self.root / 'students'}/<system>/seed-<K>/log.txt")
+        bar = tqdm(total=len(jobs), unit="student", desc="students", dynamic_ncols=True, disable=not self.cfg.progress)
+        started = {}
+
+        def finish(name: str, result: dict[str, Any]) -> None:
+            marker = self.stages.finished(name)
+            if marker is not None:  # more evaluation seeds for a finished student
+                result["evals"] = {**marker["result"]["evals"], **result["evals"]}
+            self.stages.mark(name, result, time.perf_counter() - started[name])
+            accs = ", ".join(f"{100 * e['accuracy']:.1f}%" for e in result["evals"].values())
+            bar.write(f"[{name}] {result['train']['steps']} steps, {result['train']['train_tokens']:,} tokens "
+                      f"in {result['train']['wall_seconds']:.0f}s; accuracy {accs}")
+            bar.update(1)
+            self.report()
+
+        def failed(name: str, error: BaseException) -> None:
+            self.missing.setdefault(name.split("-seed")[0].removeprefix("student-"), f"{name}: {error}")
+            bar.write(f"error: [{name}] {type(error).__name__}: {error}")
+            bar.update(1)
+
+        try:
+            if self.cfg.jobs == 1:
+                for name, job in jobs:
+                    started[name] = time.perf_counter()
+                    try:
+                        finish(name, student_job(job))
+                    except (ValueError, FileNotFoundError, RuntimeError) as e:
+                        failed(name, e)
+                return
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=self.cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {}
+                for name, job in jobs:
+                    futures[pool.submit(student_job, job)] = name
+                    started[name] = time.perf_counter()  # queued time included: this is the job's wall time
+                for future in as_completed(futures):
+                    name = futures[future]
+                    try:
+                        finish(name, future.result())
+                    except Exception as e:  # noqa: BLE001 - a failed job leaves its row incomplete, reported
+                        failed(name, e)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ the whole run
+
+    def run(self) -> dict[str, Any]:
+        cfg, root, st = self.cfg, self.root, self.stages
+        try:
+            st.run("train-debates", self.train_debates)
+            st.run("trajectories", lambda: self.trajectories(root / "train-debates" / "debates.jsonl",
+                                                             root / "trajectories"))
+            for seed in range(cfg.eval_seeds):
+                st.run(f"test-base-s{seed}", lambda: self.baseline(root / "test" / f"base-s{seed}", seed=seed,
+                                                                   protocol="single"))
+            st.run("test-self-consistency", lambda: self.baseline(root / "test" / "self-consistency", seed=0,
+                                                                  protocol="self-consistency", agents=cfg.sc_agents))
+            st.run("test-debate", lambda: self.baseline(root / "test" / "debate", seed=0, protocol="debate",
+                                                        agents=cfg.agents, rounds=cfg.rounds))
+            self.report()
+            data: dict[str, list[str]] = {"rsft": [str(root / "trajectories" / "rsft.jsonl")],
+                                          "da": [str(root / "trajectories" / "da.jsonl")]}
+            if {"rft-tokens", "rft-compute"} & set(cfg.systems):
+                st.run("rft-samples", self.rft_samples)
+                st.run("rft-trajectories", lambda: self.trajectories(root / "rft-samples" / "debates.jsonl",
+                                                                     root / "rft-trajectories"))
+                data["rft-compute"] = [str(root / "rft-trajectories" / "da.jsonl")]
+                if "rft-tokens" in cfg.systems:
+                    st.run("rft-tokens-data", self.rft_tokens)
+                    data["rft-tokens"] = [str(root / "rft-tokens" / "rft.jsonl")]
+            if "pad" in cfg.systems:
+                scored = self.prm()
+                if scored is not None:
+                    data["pad"] = [str(scored)]
+            self.report()
+            self.run_students(data)
+        finally:
+            self.stages.event("experiment", "end", seconds=round(time.perf_counter() - self.t0, 2))
+            self.ended = True
+        return self.report()
+
+
+def run_experiment(cfg: ExperimentConfig, argv: list[str] | None = None,
+                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run (or continue) the experiment ``cfg`` describes; returns the ``experiment.json`` dict.
+    ``argv``: the command line, recorded in the report."""
+    return _Experiment(cfg, list(argv or []), log or (lambda line: None)).run()
