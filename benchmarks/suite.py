@@ -264,6 +264,9 @@ def run_step(step: Step, config: SuiteConfig, deadline: float, run_id: str, log_
                 "ARKFAST_BENCH_RUN": run_id, "PYTHONUNBUFFERED": "1"})
     if config.mode == "smoke":
         env["ARKFAST_BENCH_SMOKE"] = "1"  # smoke records are saved (marked) in the suite's folder
+    if config.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Steps side by side share the cores: oversubscribed OpenMP pools stall at every barrier.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.jobs))
     log = log_dir / f"{step.name}.log"
     start = time.time()
     with open(log, "wb") as out:
