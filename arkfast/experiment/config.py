@@ -58,7 +58,7 @@ class ExperimentConfig:
     pad_weighting: str = "min"
     prm_label_limit: int = 300
     prm_k: int = 4
-    prm_steps: int = 200
+    prm_steps: int = 100
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
     jobs: int = 2

@@ -99,7 +99,8 @@ def _student_row(system: str, markers: list[dict[str, Any]], generation_tokens: 
     trains = [m["result"]["train"] for m in markers]
     return {"system": system, "kind": "student", "seeds": [m["result"]["seed"] for m in markers],
             "evaluations": len(evals), "accuracy": mean, "accuracy_std": std, "per_seed": per_seed,
-            "interval": t_interval(per_seed), "interval_kind": "t over training seeds",
+            "interval": _clip(t_interval(per_seed), 0.0) if len(per_seed) > 1 else None,
+            "interval_kind": "t over training seeds",
             "interval_problems": _clip(normal_interval(list(problems.values())), 0.0) if len(problems) > 1 else None,
             "calls_per_problem": sum(e["calls"] for e in evals) / n,
             "tokens_per_problem": sum(e["completion_tokens"] for e in evals) / n,
@@ -121,6 +122,8 @@ def _comparison(method: dict[str, Any], control: dict[str, Any]) -> dict[str, An
     a = [method["per_seed"][method["seeds"].index(s)] for s in seeds]
     b = [control["per_seed"][control["seeds"].index(s)] for s in seeds]
     by_seed = paired_interval(a, b)
+    if by_seed["interval"] is not None:
+        by_seed["interval"] = _clip(by_seed["interval"], -1.0)
     ids = sorted(set(method["_per_problem"]) & set(control["_per_problem"]))
     diffs = [method["_per_problem"][i] - control["_per_problem"][i] for i in ids]
     by_problem = _clip(normal_interval(diffs), -1.0) if len(diffs) > 1 else None
@@ -178,9 +181,10 @@ def _targets(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]],
             lines.append(f"Target 2, {name}: met; it beats {control} by {d:+.1f} points, 95% interval over seeds "
                          f"{_interval(iv)} (lower end above zero).")
         else:
-            lines.append(f"Target 2, {name}: missed; {d:+.1f} points vs {control}, 95% interval over seeds "
-                         f"{_interval(iv)}, whose lower end is {-100 * iv[0]:.1f} points below zero: here the "
-                         f"debate data adds nothing over self-sampling that these seeds can tell apart.")
+            lines.append(f"Target 2, {name}: missed; {name} minus {control} is {d:+.1f} points, 95% interval "
+                         f"over seeds {_interval(iv)}, whose lower end is {-100 * iv[0]:.1f} points short of zero: "
+                         f"here the debate data adds nothing over the model's own samples that these seeds can "
+                         f"tell apart.")
     lines.append(f"Target 3 {'met' if total_s <= TIME_TARGET_S else 'missed'}: the stages run by this "
                  f"experiment took {_seconds(total_s)} of wall time in all (target 30 min on 2 cores).")
     return lines
