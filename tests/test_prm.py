@@ -251,3 +251,85 @@ def test_save_and_reload_round_trip(tmp_path, tok):
         assert torch.equal(again.head_state()[name], p), name
     with pytest.raises(ValueError, match="not a PRM folder"):
         load_prm(TINY)
+
+
+# ------------------------------------------------------------------------------------------------
+# Monte-Carlo labels on the engine
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm():
+    import arkfast
+
+    return arkfast.LLM(str(TINY), max_num_seqs=64)
+
+
+def test_monte_carlo_labels_on_reference_and_corrupted_solutions(llm, tok):
+    # Train problems 1 and 2: the tiny model completes every prefix of their reference solutions to the
+    # gold answer at temperature 0.3 (found by labelling the first 12 with k = 8). Corrupting step 1's
+    # result (carried into step 2's first operand, step 2's result kept) makes step 1's prefix lead
+    # elsewhere; from step 2 on the prefixes hold the right value again.
+    problems = arith_problems("train", 3)[1:]
+    clean = [_record(tok, p, p.meta["solution"]) for p in problems]
+    bad = [_record(tok, p, _corrupt(p.meta["solution"], 1), sample=1) for p in problems]
+    cfg = LabelConfig(k=4, temperature=0.3, seed=0)
+    stats = LabelStats()
+    out = {r["id"]: r for r in monte_carlo_labels(llm, clean + bad, cfg, stats)}
+    assert len(out) == 4
+    for r in clean:
+        labels = out[r["id"]]
+        assert labels["step_labels"] == [1.0] * len(r["steps"])
+        assert labels["rollouts_correct"] == [4] * len(r["steps"])
+        assert labels["label_source"] == "monte-carlo" and labels["label_k"] == 4
+    for r in bad:
+        labels = out[r["id"]]["step_labels"]
+        assert labels[0] == 1.0 and labels[1] < 1.0, labels
+        assert labels[1] <= 0.25
+    # 4 rollouts x (steps - 1) prefixes per trajectory; most prompt tokens come from the prefix cache
+    assert stats.requests == sum(4 * (len(r["steps"]) - 1) for r in clean + bad)
+    assert stats.prefix_cache_hit_rate > 0.8, stats.as_dict()
+    again = {r["id"]: r for r in monte_carlo_labels(llm, bad, cfg)}  # seeded: the same labels
+    assert all(again[r["id"]]["rollouts_correct"] == out[r["id"]]["rollouts_correct"] for r in bad)
+    hard = {r["id"]: r for r in monte_carlo_labels(llm, bad, LabelConfig(k=4, temperature=0.3, hard=True))}
+    for r in bad:
+        assert hard[r["id"]]["step_labels"] == [float(n > 0) for n in out[r["id"]]["rollouts_correct"]]
+        assert hard[r["id"]]["label_source"] == "monte-carlo-hard"
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _exact_examples(tok, records):
+    return [encode_trajectory(tok, r, [float(ok) for ok in check_steps(r["response"], r["steps"],
+                                                                     r["meta"]["solution"])])
+            for r in records]
+
+
+def test_training_lowers_the_loss_and_ranks_right_steps_above_corrupted_ones(tok):
+    train = _exact_examples(tok, _records(tok, 48, seed=4))
+    held = _records(tok, 24, seed=5, split="test")
+    held_ex = _exact_examples(tok, held)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(), seed=0)
+    flat_truth = [bool(v) for ex in held_ex for v in ex.labels]
+    before = step_auroc([s for ss in score_examples(prm, held_ex) for s in ss], flat_truth)
+    rows = pack_step_rows(train, 512)
+    result = train_prm(prm, rows, PRMTrainConfig(steps=40, batch_rows=2, lr=1e-3, log_every=1, seed=0),
+                       log=None)
+    losses = [m["bce"] for m in result.metrics]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, losses
+    after = step_auroc([s for ss in score_examples(prm, held_ex) for s in ss], flat_truth)
+    assert after > 0.9 and after > before + 0.2, (before, after)
+
+
+def test_contrastive_projection_head_trains(tok):
+    rows = pack_step_rows(_exact_examples(tok, _records(tok, 8, seed=6)), 400)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(projection_dim=8), seed=0)
+    start = {k: v.detach().clone() for k, v in prm.head_state().items()}
+    result = train_prm(prm, rows, PRMTrainConfig(steps=3, batch_rows=1, contrastive_weight=0.5, log_every=1),
+                       log=None)
+    assert all(m["contrastive"] > 0 for m in result.metrics)
+    for name, p in prm.head_state().items():
+        assert not torch.equal(p, start[name]), f"{name} did not change"
+    with pytest.raises(ValueError, match="projection head"):
+        train_prm(ProcessRewardModel(load_prm_backbone()), rows,
+                  PRMTrainConfig(steps=1, contrastive_weight=0.5), log=None)
