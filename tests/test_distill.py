@@ -326,8 +326,8 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(traj_file, tmp_pa
 def test_resume_after_sigkill_continues_the_same_losses(traj_file, tmp_path):
     """A CLI run killed with SIGKILL (mid-step or mid-save), resumed, writes the metrics.jsonl losses of
     an uninterrupted run bit for bit (CPU, one thread)."""
-    ref = distill(small_config(traj_file, tmp_path / "ref", epochs=4.0, save_every=5), log=None)
-    config = small_config(traj_file, tmp_path / "killed", epochs=4.0, save_every=5).to_dict()
+    ref = distill(small_config(traj_file, tmp_path / "ref", epochs=2.0, save_every=5), log=None)
+    config = small_config(traj_file, tmp_path / "killed", epochs=2.0, save_every=5).to_dict()
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -459,28 +459,71 @@ def test_config_file_and_flags(tmp_path):
     assert dests == fields
 
 
-def test_cli_end_to_end_and_bad_input_exit_code(traj_file, tmp_path):
-    """The CLI on the shipped tiny model, PAD mode with the advantage rule, eval on 12 test problems:
-    a summary table, the files of the output folder, and a one-line error (exit 2) for bad input."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "arkfast.distill", "--data", str(traj_file), "--mode", "pad", "--pad-weighting",
-           "advantage", "--output", str(out), "--row-tokens", "256", "--epochs", "1", "--eval-limit", "12",
-           "--no-progress", "--threads", "1"]
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from arkfast.distill.cli import run_cli
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    monkeypatch.setattr(sys, "argv", ["arkfast.distill", "--data", str(empty), "--output", str(tmp_path / "x"),
+                                      "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "empty.jsonl: empty file" in err
+
+
+def test_default_data_is_made_when_missing(tiny_tok, tmp_path, monkeypatch):
+    """With no --data the default trajectories under runs/arith-train are used, made first by the
+    trajectories CLI when missing; pad refuses to guess and names the command to run."""
+    import arkfast.trajectories.__main__ as traj_cli
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        path = tmp_path / "runs" / "arith-train" / "trajectories" / "rsft.jsonl"
+        write_trajectories(path, arith_records(tiny_tok, 8, scores=False))
+        return {}
+
+    monkeypatch.setattr(traj_cli, "main", fake_main)
+    with pytest.raises(ValueError, match=r"no scored PAD trajectories at .*prm/scored/pad\.jsonl"):
+        distill(DistillConfig(mode="pad", eval_limit=0, progress=False), log=None)
+    result = distill(DistillConfig(stop_after=2, row_tokens=256, eval_limit=0, threads=1, tensorboard=False,
+                                   plot=False, progress=False), log=None)
+    assert calls == [[]] and result["steps_done"] == 2 and result["data"]["examples"] == 8
+    assert Path(result["output"]) == tmp_path / "runs" / "arith-train" / "distill" / "rsft"
+    # the default folder is continued/reused by a rerun, not refused
+    again = distill(DistillConfig(stop_after=2, row_tokens=256, eval_limit=0, threads=1, tensorboard=False,
+                                  plot=False, progress=False), log=None)
+    assert again["losses"] == result["losses"] and calls == [[]]
+
+
+def test_cli_end_to_end_under_torchrun(traj_file, tmp_path):
+    """The CLI on the shipped tiny model, PAD mode with the advantage rule, under torchrun with two
+    gloo ranks (each trains one of a step's two rows against the step's global N, then the gradients
+    are summed), eval on 12 test problems by rank 0: a summary table, the output folder's files, and
+    the losses of one process training both rows, bit for bit (a + b either way)."""
+    settings = small_config(traj_file, tmp_path / "unused", mode="pad", pad_weighting="advantage", batch_rows=2,
+                            epochs=1.0, save_every=4).to_dict()
+    one = distill(DistillConfig(**{**settings, "output": str(tmp_path / "one")}), log=None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
+           "-m", "arkfast.distill", "--data", str(traj_file), "--mode", "pad", "--pad-weighting", "advantage",
+           "--output", str(out), "--row-tokens", "160", "--epochs", "1", "--lr", "1e-3", "--batch-rows", "2",
+           "--save-every", "4", "--eval-limit", "12", "--no-progress", "--no-plot", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "accuracy at step" in proc.stdout and "student" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("accuracy at step") == 1 and "student" in proc.stdout  # rank 0 alone prints
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["ranks"] == 2 and summary["steps"] == one["steps"]
+    assert summary["losses"] == one["losses"]
     assert summary["evals"][-1]["problems"] == 12 and 0.0 <= summary["final_accuracy"] <= 1.0
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == summary["steps"] and all(
         {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_second"} <= m.keys() for m in metrics)
+    assert [m["target_tokens"] for m in metrics] == [m["target_tokens"] for m in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
-
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    proc = subprocess.run([*cmd[:4], str(empty), "--output", str(tmp_path / "x")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith("error: ") and "empty.jsonl: empty file" in proc.stderr

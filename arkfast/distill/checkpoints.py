@@ -98,12 +98,12 @@ def load_state(path: Path, model, optimizer) -> dict[str, Any]:
 class RunLog:
     """``metrics.jsonl`` (one line per optimiser step, appended, flushed and fsync'd), ``eval.jsonl``
     (one line per evaluation) and TensorBoard scalars under ``tensorboard/`` when tensorboard is
-    importable and ``tensorboard`` is on."""
+    importable and ``tensorboard`` is on. With ``write=False`` (ranks other than 0) it writes nothing."""
 
-    def __init__(self, output: Path, *, tensorboard: bool, resume_step: int | None):
-        self.output = output
+    def __init__(self, output: Path, *, tensorboard: bool, resume_step: int | None, write: bool = True):
+        self.output, self.write = output, write
         self.metrics_path, self.eval_path = output / "metrics.jsonl", output / "eval.jsonl"
-        for path in (self.metrics_path, self.eval_path):
+        for path in (self.metrics_path, self.eval_path) if write else ():
             if resume_step is None:
                 path.unlink(missing_ok=True)
             else:  # drop the lines past the checkpoint: the resumed run writes them again
@@ -125,12 +125,16 @@ class RunLog:
             os.fsync(f.fileno())
 
     def step(self, record: dict[str, Any]) -> None:
+        if not self.write:
+            return
         self._append(self.metrics_path, record)
         if self.writer is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_second"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     def eval(self, record: dict[str, Any]) -> None:
+        if not self.write:
+            return
         self._append(self.eval_path, record)
         if self.writer is not None:
             self.writer.add_scalar("eval/accuracy", record["accuracy"], record["step"])

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: runs/arith-train/distill/<mode>)")
     g.add_argument("--resume", action="store_true", default=S,
                    help="continue the run in --output from its newest checkpoint (model, optimiser, "
-                        "schedule, data position, RNG); a finished run is reused")
+                        "schedule, data position, RNG); a finished run is reused (default: off; on when "
+                        "--output is not given, so the default folder is continued or reused)")
 
     g = p.add_argument_group("schedule and optimisation")
     g.add_argument("--epochs", type=float, metavar="E", default=S,
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each layer's activations in the backward (less memory; default: off)")
     g.add_argument("--device", default=S, help="cuda, cuda:1, cpu (default: cuda when present)")
     g.add_argument("--threads", type=int, default=S,
-                   help="torch CPU threads for the run (default: torch's; runs are bit-reproducible for a "
-                        "given thread count)")
+                   help="torch CPU threads for the run (default: 1 on CPU, where runs are bit-reproducible "
+                        "for a given thread count; torch's on CUDA)")
 
     g = p.add_argument_group("checkpoints, eval and logs")
     g.add_argument("--save-every", type=int, metavar="N", default=S,

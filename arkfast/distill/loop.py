@@ -119,6 +119,16 @@ class Optimizer:
                     m.grad = g if m.grad is None else m.grad.add_(g)
                     p.grad = None
 
+    def sum_over_ranks(self, ranks) -> None:
+        """Sum the accumulated gradients over the ranks (:class:`arkfast.distill.ranks.Ranks`); a
+        tensor a rank left without a gradient contributes zeros."""
+        if ranks.world == 1:
+            return
+        for t in self.trained:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        ranks.sum_([t.grad for t in self.trained])
+
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the accumulated gradients (a 0-dim tensor; no host sync)."""
         grads = [t.grad for t in self.trained if t.grad is not None]

@@ -20,6 +20,7 @@ a run is bit-reproducible on CPU, and a run resumed from a checkpoint continues 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from .data import RowOrder, concat_rows, load_examples, rows_fingerprint
 from .evaluate import evaluate_accuracy
 from .loop import Optimizer, micro_batch_loss_sum, step_target_count
 from .plot import plot_curves
+from .ranks import Ranks, init_ranks
 
 __all__ = ["NonFiniteLossError", "distill", "format_summary"]
 
@@ -58,10 +60,10 @@ def _ensure_default_data(cfg: DistillConfig, given: bool, log: Callable[[str], N
     if cfg.mode == "pad":
         raise ValueError(f"no scored PAD trajectories at {path}; make them with python -m arkfast.prm "
                          f"label / train / score, or pass --data FILE")
-    from arkfast import trajectories
+    from arkfast.trajectories.__main__ import main as make_trajectories
 
     log(f"no trajectories at {path}: making them first (python -m arkfast.trajectories)")
-    trajectories.main([])
+    make_trajectories([])
     if not path.is_file():
         raise ValueError(f"python -m arkfast.trajectories did not write {path}")
 
@@ -102,17 +104,27 @@ def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print)
     loss goes NaN/inf (the last good checkpoint is kept)."""
     log = log or (lambda line: None)
     given_data = config.data is not None
+    if config.output is None and not config.resume:
+        # the default folder is shared by every default run: continue or reuse it, never refuse it
+        config = dataclasses.replace(config, resume=True)
     cfg = config.resolved()
+    ranks, device = init_ranks(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
+    if cfg.batch_rows % (ranks.world * cfg.micro_batch_rows):
+        raise ValueError(f"batch_rows ({cfg.batch_rows}) must be a multiple of ranks x micro_batch_rows "
+                         f"({ranks.world} x {cfg.micro_batch_rows})")
+    if not ranks.main:
+        log = lambda line: None  # noqa: E731  (rank 0 speaks for the run)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _distill(cfg, given_data, log)
+        return _distill(cfg, given_data, log, ranks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], ranks: Ranks) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from arkfast.models import load_model, load_tokenizer
@@ -124,7 +136,9 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
     if started and not cfg.resume:
         raise ValueError(f"{out} already holds a run ({started[0].name}); pass --resume to continue it "
                          f"or another --output")
-    _ensure_default_data(cfg, given_data, log)
+    if ranks.main:
+        _ensure_default_data(cfg, given_data, log)
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     t_data = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
@@ -146,7 +160,8 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
         import json
 
         previous = json.loads(summary_path.read_text())
-        if previous.get("finished") and previous.get("meta") == meta and previous.get("steps_done") == last:
+        if previous.get("finished") and previous.get("meta") == {**meta, "ranks": ranks.world} \
+                and previous.get("steps_done") == last:
             log(f"{out}: this run already finished; reusing it")
             return previous
 
@@ -163,12 +178,13 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
         log(f"resumed from {ckpt} (step {start})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}; starting from the base model")
-    runlog = RunLog(out, tensorboard=cfg.tensorboard, resume_step=start if ckpt is not None else None)
+    runlog = RunLog(out, tensorboard=cfg.tensorboard and ranks.main,
+                    resume_step=start if ckpt is not None else None, write=ranks.main)
     files = _base_files(model_dir)
     evals = [e for e in read_jsonl(runlog.eval_path)]
 
-    def evaluate(step: int, path: Path) -> None:
-        if not cfg.eval_limit:
+    def evaluate(step: int, path: Path | None) -> None:
+        if not cfg.eval_limit or not ranks.main:
             return
         record = {"step": step, **evaluate_accuracy(path, limit=cfg.eval_limit, temperature=cfg.eval_temperature,
                                                     seed=cfg.eval_seed, dataset=cfg.eval_dataset,
@@ -178,26 +194,31 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
         log(f"step {step}: accuracy {100 * record['accuracy']:.1f}% ({record['correct']}/{record['problems']}, "
             f"T={cfg.eval_temperature}, {record['seconds']:.0f}s)")
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Path | None:
+        if not ranks.main:
+            return None
         return save_state(out, step, model, optimizer, meta=meta, extra_files=files, keep=cfg.keep_checkpoints)
 
     if cfg.eval_at_start and start == 0:
         evaluate(0, model_dir)
     metrics = read_jsonl(runlog.metrics_path)
     bar = tqdm(total=last, initial=start, unit="step", desc=f"distill {cfg.mode}", dynamic_ncols=True,
-               disable=not cfg.progress)
+               disable=not (cfg.progress and ranks.main))
     t0 = time.perf_counter()
     try:
         for step in range(start, last):
             t_step = time.perf_counter()
             step_rows = [rows[i] for i in order.step_rows(step)]
-            count = max(step_target_count(step_rows), 1)  # N of the module docstring of .loop
+            count = max(step_target_count(step_rows), 1)  # N of the module docstring of .loop, all ranks'
+            mine = ranks.share(step_rows)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for m in range(0, cfg.batch_rows, cfg.micro_batch_rows):
-                micro = concat_rows(step_rows[m:m + cfg.micro_batch_rows])
+            for m in range(0, len(mine), cfg.micro_batch_rows):
+                micro = concat_rows(mine[m:m + cfg.micro_batch_rows])
                 loss = micro_batch_loss_sum(model, micro, device, cfg.gradient_checkpointing) / count
                 optimizer.backward(loss)
                 step_loss += loss.detach().double()
+            optimizer.sum_over_ranks(ranks)
+            ranks.sum_([step_loss])
             norm = optimizer.grad_norm()
             # One host sync per optimiser step (not per micro-batch): metrics.jsonl logs every step, and
             # the NaN guard has to see the loss before the update is applied.
@@ -231,8 +252,9 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
         save(last)
         from arkfast.train import save_checkpoint
 
-        student = save_checkpoint(model, out / "model", extra_files=files)
-        evaluate(last, student)
+        if ranks.main:
+            evaluate(last, save_checkpoint(model, out / "model", extra_files=files))
+        ranks.barrier()  # the run's files are complete when any rank returns
     finally:
         bar.close()
         runlog.close()
@@ -249,8 +271,10 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None]) -
         "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
         "losses": [m["loss"] for m in metrics], "evals": evals,
         "final_accuracy": evals[-1]["accuracy"] if evals and evals[-1]["step"] == last else None,
-        "config": cfg.to_dict(), "meta": meta,
+        "config": cfg.to_dict(), "meta": {**meta, "ranks": ranks.world},
     }
+    if not ranks.main:
+        return result
     if cfg.plot and plot_curves(metrics, evals, out / "loss.png", title=f"{cfg.mode}: {out}") is None:
         log("loss.png not drawn (matplotlib is not installed: pip install matplotlib)")
     write_json_atomic(summary_path, result)
