@@ -259,7 +259,10 @@ def graph_fields(fn: Callable[[], Any], eager: Stats, *, warmup: int, reps: int,
 def cpu_peak_rss_delta(fn: Callable[[], Any]) -> int | None:
     """Peak resident-set growth (bytes) of this process while ``fn()`` runs, read from Linux's
     ``/proc/self/status`` (``VmHWM``, reset through ``/proc/self/clear_refs``); ``None`` where that
-    is not available. Coarse (pages, allocator caching), but real: the CPU figure for memory."""
+    is not available. Allocations over 64 KiB are mmapped and returned on free (see
+    :func:`_fixed_mmap_threshold`), so what ``fn`` allocates shows up whatever ran before it. Coarse
+    (pages), but real: the CPU figure for memory."""
+    _fixed_mmap_threshold()
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
@@ -271,6 +274,24 @@ def cpu_peak_rss_delta(fn: Callable[[], Any]) -> int | None:
     if before is None or peak is None:
         return None
     return max(0, peak - before) * 1024
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 16) -> None:
+    """Make glibc serve every allocation over ``nbytes`` with its own mmap, returned to the system when
+    freed. By default the threshold grows after each large free (up to 32 MiB), so memory a previous
+    method freed stays in the heap and the next method's RSS does not grow: its peak would read 0.
+    A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD; setting it also turns its dynamic growth off
+    except (OSError, AttributeError):
+        return
 
 
 def _proc_status_kib(field: str) -> int | None:

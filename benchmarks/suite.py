@@ -44,7 +44,7 @@ MODES = ("gpu", "cpu", "smoke")
 # Total budget per mode, in seconds. gpu: 8 minutes on one H100/H200, which leaves a 15-minute lease
 # room for the machine's start, the transfers and one rerun of a failed step.
 # smoke: budgets are generous upper bounds for a loaded 2-core CI machine; a smoke step takes 3-10 s.
-DEFAULT_TOTAL_S = {"gpu": 480.0, "cpu": 1200.0, "smoke": 480.0}
+DEFAULT_TOTAL_S = {"gpu": 480.0, "cpu": 1500.0, "smoke": 480.0}
 DEFAULT_BUDGET_S = {"gpu": 20.0, "cpu": 60.0, "smoke": 30.0}
 # Correctness first: kernels against their references on the device, then the GPU-marked tests. The
 # CPU plan has no correctness step: CPU figures time the torch references, not the kernels.
