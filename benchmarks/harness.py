@@ -350,7 +350,7 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
     else:
         name = cpu_model_name()
         # torch's intra-op threads: a CPU figure depends on them (OMP_NUM_THREADS sets them).
-        extra = {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+        extra = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     try:
         import triton
         triton_version = triton.__version__
@@ -369,7 +369,7 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
         "dirty": None if status is None else bool(status),
         "bench_run": BENCH_RUN,
         **({"suite_run": os.environ[RUN_ENV]} if os.environ.get(RUN_ENV) else {}),
-        **({"smoke": True} if os.environ.get(SMOKE_ENV) == "1" else {}),
+        **({"suite_smoke": True} if os.environ.get(SMOKE_ENV) == "1" else {}),
     }
 
 
@@ -483,7 +483,7 @@ def resolve_common_args(args: argparse.Namespace, *, gpu_benchmark: bool = True)
 
     For a GPU benchmark (``gpu_benchmark=True``) on a CPU device, ``smoke`` is forced on: CPU runs are
     smoke tests only and never saved. A smoke run is never saved either, except inside the suite's
-    smoke run (``$ARKFAST_BENCH_SMOKE=1``), which saves its records, marked ``"smoke": true``, in its
+    smoke run (``$ARKFAST_BENCH_SMOKE=1``), which saves its records, marked ``"suite_smoke": true``, in its
     own results folder so that its report is built from real records.
     """
     args.device = resolve_device(args.device)

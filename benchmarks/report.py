@@ -23,8 +23,8 @@ How a benchmark is read comes from its ``REPORT`` literal (``benchmarks/bench_<n
               "ceiling_scale": 1,         # optional: multiply the ceiling field by this to get a percent
               "extra": ["extra_mem_gib"]} # optional: more fields to show
 
-A benchmark without one is listed with its latest records only. Smoke records (``"smoke": true``)
-are left out unless ``--include-smoke``.
+A benchmark without one is listed with its latest records only. Smoke records (``"suite_smoke": true``,
+or a benchmark's own ``"smoke": true``) are left out unless ``--include-smoke``.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
-ENV_FIELDS = ("timestamp_utc", "device", "device_type", "cuda", "capability", "host_cpu", "cpu_count", "threads",
-              "torch",
-              "triton", "python", "commit", "dirty", "bench_run", "suite_run", "smoke", "bench")
+ENV_FIELDS = ("timestamp_utc", "device", "device_type", "cuda", "capability", "host_cpu", "cpu_count",
+              "torch_threads", "torch",
+              "triton", "python", "commit", "dirty", "bench_run", "suite_run", "suite_smoke", "smoke", "bench")
 SPEC_FIELDS = {"key", "provider", "metric", "higher_is_better", "baseline", "headline", "ceiling",
                "ceiling_scale", "extra"}
 
@@ -90,7 +90,7 @@ def load_records(folders: list[Path], include_smoke: bool = False) -> list[dict[
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
                 record.setdefault("bench", path.stem)
-                if record.get("smoke") and not include_smoke:
+                if (record.get("suite_smoke") or record.get("smoke") is True) and not include_smoke:
                     continue
                 if line in seen:
                     continue

@@ -140,7 +140,8 @@ def test_harness_honours_results_and_deadline_env(tmp_path, monkeypatch):
     assert path == tmp_path / "elsewhere" / "demo.jsonl"
     record = json.loads(path.read_text())
     assert record["suite_run"] == "run-1" and record["bench_run"] == harness.BENCH_RUN
-    assert record["device"] == harness.cpu_model_name() and "smoke" not in record
+    assert record["device"] == harness.cpu_model_name() and "suite_smoke" not in record
+    assert record["torch_threads"] == torch.get_num_threads()
     monkeypatch.setenv(harness.DEADLINE_ENV, str(time.time() + 100))
     assert 90 < harness.time_left_s() <= 100
     assert not harness.out_of_time(50) and harness.out_of_time(200)
@@ -163,7 +164,7 @@ def test_harness_smoke_saves_only_inside_the_suite(monkeypatch):
     assert not resolve("--smoke").save and resolve("--device", "cpu").save
     monkeypatch.setenv(harness.SMOKE_ENV, "1")
     assert resolve("--smoke").save and not resolve("--smoke", "--no-save").save
-    assert harness.env_record("cpu")["smoke"] is True
+    assert harness.env_record("cpu")["suite_smoke"] is True
 
 
 def test_harness_stats_first_call_and_cpu_graph_fields():
@@ -223,7 +224,7 @@ def _fixture(folder: Path) -> None:
     rows.append(_rec("rms_norm", "AMD EPYC", "r3", "ccccccc3", "2026-11-03T00:00:00", provider="torch",
                      median_ms=9.0, T=17, H=64, dtype="float32", residual=False))
     rows.append(_rec("rms_norm", "NVIDIA H200", "r4", "ddddddd4", "2026-11-04T00:00:00", provider="triton",
-                     median_ms=1e-3, T=4096, H=2048, dtype="bfloat16", residual=False, smoke=True))
+                     median_ms=1e-3, T=4096, H=2048, dtype="bfloat16", residual=False, suite_smoke=True))
     rows.append(_rec("gpu_check", "NVIDIA H200", "g1", "bbbbbbb2", "2026-11-02T00:00:00", kernel="rope",
                      case="T17", dtype="float16", rel_err=0.01, tol=0.002, ok=False))
     rows.append(_rec("gpu_check", "NVIDIA H200", "g1", "bbbbbbb2", "2026-11-02T00:00:00", kernel="rms_norm",
@@ -289,7 +290,7 @@ def test_real_smoke_run_of_one_benchmark(tmp_path):
     summary = json.loads((results / "summary.json").read_text())
     assert summary["counts"]["ok"] == 1 and summary["steps"][0]["records"] == 16
     records = [json.loads(x) for x in (results / "packing.jsonl").read_text().splitlines()]
-    assert all(r["smoke"] and r["suite_run"] == summary["run"] for r in records)
+    assert all(r["suite_smoke"] and r["suite_run"] == summary["run"] for r in records)
     assert {r["impl"] for r in records} == {"python reference", "pack, list in", "pack, ndarray in",
                                             "pack_bins, ndarray in"}
     assert "## packing" in (results / "REPORT.md").read_text()
