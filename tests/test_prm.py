@@ -336,3 +336,74 @@ def test_contrastive_projection_head_trains(tok):
     with pytest.raises(ValueError, match="projection head"):
         train_prm(ProcessRewardModel(load_prm_backbone()), rows,
                   PRMTrainConfig(steps=1, contrastive_weight=0.5), log=None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI: files, resume, scores, one-line errors
+# ------------------------------------------------------------------------------------------------
+def _cli(*argv):
+    from arkfast.prm.__main__ import main
+
+    return main(list(map(str, argv)))
+
+
+def test_label_appends_and_resumes_after_a_truncated_line(tmp_path, tok):
+    traj = tmp_path / "pad.jsonl"
+    records = _records(tok, 5, seed=7)
+    write_trajectories(traj, records)
+    out = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", out, "--method", "outcome", "--limit", 3)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    with pytest.raises(ValueError, match="already exists"):
+        _cli("label", "--trajectories", traj, "--output", out, "--method", "outcome", "--limit", 3)
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # killed in mid-write of the third
+    _cli("label", "--trajectories", traj, "--output", out, "--method", "outcome", "--limit", 3, "--resume")
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in again] == [json.loads(line)["id"] for line in lines]
+    by_id = {r["id"]: r for r in records}
+    for r in again:
+        assert r["step_labels"] == [float(by_id[r["id"]]["correct"])] * len(r["steps"])
+    with pytest.raises(ValueError, match="k=8, now k=4|method='outcome', now method='monte-carlo'"):
+        _cli("label", "--trajectories", traj, "--output", out, "--limit", 3, "--resume", "--k", "4")
+
+
+def test_score_writes_step_and_trajectory_scores(tmp_path, tok):
+    traj = tmp_path / "pad.jsonl"
+    records = _records(tok, 4, seed=8)
+    write_trajectories(traj, records)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(tokenizer=tokenizer_fingerprint(tok)), seed=2)
+    save_prm(prm, tmp_path / "prm", tokenizer=tok)
+    out = tmp_path / "scored.jsonl"
+    _cli("score", "--input", traj, "--prm", tmp_path / "prm", "--output", out)
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    want = score_examples(prm, [encode_trajectory(tok, r) for r in records])
+    for r, w in zip(scored, want):
+        assert r["step_scores"] == pytest.approx(w, abs=1e-6)
+        assert r["score_min"] == min(r["step_scores"])
+        assert r["score_prod"] == pytest.approx(math.prod(r["step_scores"]), rel=1e-12)
+        assert r["response"] == records[scored.index(r)]["response"]
+
+
+def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
+    records = _records(tok, 2)
+    other = tmp_path / "other.jsonl"
+    write_trajectories(other, [records[0], {**records[1], "tokenizer": "sha256:" + "0" * 64}])
+    with pytest.raises(TrajectoryFileError, match=r"other.jsonl:2: field 'tokenizer': made for tokenizer"):
+        _cli("label", "--trajectories", other, "--output", tmp_path / "l.jsonl", "--method", "outcome")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({k: v for k, v in records[0].items() if k != "steps"}) + "\n")
+    with pytest.raises(TrajectoryFileError, match=r"missing.jsonl:1: field 'steps': missing"):
+        _cli("label", "--trajectories", missing, "--output", tmp_path / "l.jsonl", "--method", "outcome")
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    write_trajectories(unlabelled, records)
+    with pytest.raises(TrajectoryFileError, match=r"unlabelled.jsonl:1: field 'step_labels': missing"):
+        _cli("train", "--labels", unlabelled, "--output", tmp_path / "m")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "arkfast.prm", "label", "--trajectories", str(empty),
+                           "--output", str(tmp_path / "l.jsonl"), "--method", "outcome"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {empty}: empty file")
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
