@@ -204,11 +204,21 @@ def _plot_latest(bench: str, rows: list[dict[str, Any]], spec: dict[str, Any], p
     rows = [r for r in rows if r["ratio"] is not None and r["provider"] != spec["baseline"]]
     if not rows:
         return False
-    labels = [f"{r['shape']} | {r['provider']}" + (f" ({r['device']})" if len({x['device'] for x in rows}) > 1 else "")
+    import textwrap
+
+    several = len({x["device"] for x in rows}) > 1
+    labels = [textwrap.fill(f"{r['provider']}: {r['shape']}" + (f" ({r['device']})" if several else ""), 60)
               for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(11, 0.22 * lines + 0.2 * len(rows) + 1.6))
     colors = ["tab:green" if r["ratio"] >= 1 else "tab:red" for r in rows]
-    ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
+    ratios = [r["ratio"] for r in rows]
+    # Bars grow from 1 (the baseline) to the ratio, right when faster, left when slower.
+    ax.barh(range(len(rows)), [x - 1 for x in ratios], left=1.0, color=colors)
+    for y, x in enumerate(ratios):
+        ax.annotate(f"{x:.3g}x", (x, y), xytext=(3 if x >= 1 else -3, 0), textcoords="offset points",
+                    ha="left" if x >= 1 else "right", va="center", fontsize=7)
+    ax.set_xlim(min(min(ratios), 1.0) / 1.6, max(max(ratios), 1.0) * 1.6)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
