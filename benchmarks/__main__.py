@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results = Path("runs") / f"bench-smoke-{stamp}" if mode == "smoke" else suite.BENCH_DIR / "results"
     try:
         config = suite.SuiteConfig(
-            mode=mode, results=args.results.resolve(), budget_s=args.budget_s or suite.DEFAULT_TOTAL_S[mode],
+            mode=mode, results=args.results.resolve(), budget_s=suite.DEFAULT_TOTAL_S[mode] if args.budget_s is None else args.budget_s,
             only=tuple(args.only), skip=tuple(args.skip), cuda=cuda, report=args.report,
             jobs=args.jobs if args.jobs is not None else (2 if mode == "smoke" else 1))
         plan = suite.build_plan(config)
