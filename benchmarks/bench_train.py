@@ -47,10 +47,10 @@ SUITE = {"gpu": {"budget_s": 150, "args": []}, "cpu": {"budget_s": 240, "args": 
          "smoke": {"budget_s": 60, "args": []}}
 
 # A Qwen2.5-0.5B-shaped model (random weights: nothing is downloaded), for GPU runs.
-QWEN_05B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
-                intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
-                hidden_act="silu")
+QWEN_05B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+            "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "tie_word_embeddings": True, "hidden_act": "silu"}
 
 
 def make_lengths(n: int, row_tokens: int, median: float, seed: int) -> list[int]:

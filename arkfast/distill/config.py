@@ -134,10 +134,10 @@ class DistillConfig:
             _number("betas", b, 0.0, 0.999999999)
         for name in ("seed", "eval_seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")  # noqa: TRY004 (bad input)
         for name in ("resume", "eval_at_start", "gradient_checkpointing", "tensorboard", "plot", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
 
     @property
     def accumulation(self) -> int:
@@ -204,7 +204,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")  # noqa: TRY004
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     out = {}
     for key, value in values.items():

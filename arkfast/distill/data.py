@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from arkfast.train import Example, PackedRow, pack_rows
+from arkfast.train import Example, PackedRow
 
 from .weights import step_weights
 

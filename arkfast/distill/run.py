@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,12 +83,15 @@ def _check_resume(meta: dict[str, Any], expected: dict[str, Any], path: Path) ->
 
 def format_summary(result: dict[str, Any]) -> str:
     """The end-of-run table."""
-    rows = [("mode", result["mode"]), ("examples (kept / records)", f"{result['data']['examples']} / "
-                                                                   f"{result['data']['records']}"),
-            ("packed rows", result["rows"]), ("steps", f"{result['steps_done']} / {result['steps']}"),
-            ("epochs", f"{result['epochs_done']:.2f}"), ("target tokens / step (mean)",
-                                                         f"{result['target_tokens_per_step']:.0f}"),
-            ("train tokens", result["train_tokens"]), ("tokens/s", f"{result['tokens_per_second']:.0f}"),
+    data = result["data"]
+    rows = [("mode", result["mode"]),
+            ("examples (kept / records)", f"{data['examples']} / {data['records']}"),
+            ("packed rows", result["rows"]),
+            ("steps", f"{result['steps_done']} / {result['steps']}"),
+            ("epochs", f"{result['epochs_done']:.2f}"),
+            ("target tokens / step (mean)", f"{result['target_tokens_per_step']:.0f}"),
+            ("train tokens", result["train_tokens"]),
+            ("tokens/s", f"{result['tokens_per_second']:.0f}"),
             ("first / final loss", f"{result['first_loss']:.4f} / {result['final_loss']:.4f}"),
             ("train time (s)", f"{result['train_seconds']:.1f}")]
     for e in result["evals"]:
@@ -114,7 +118,7 @@ def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print)
         raise ValueError(f"batch_rows ({cfg.batch_rows}) must be a multiple of ranks x micro_batch_rows "
                          f"({ranks.world} x {cfg.micro_batch_rows})")
     if not ranks.main:
-        log = lambda line: None  # noqa: E731  (rank 0 speaks for the run)
+        log = lambda line: None  # rank 0 speaks for the run
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
