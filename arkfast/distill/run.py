@@ -268,7 +268,9 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
     result = {
         "mode": cfg.mode, "model": str(out / "model"), "output": str(out), "finished": True,
         "steps": steps, "steps_done": last, "epochs_done": order.epoch_of(last), "rows": len(rows),
-        "data": vars(stats), "train_tokens": train_tokens, "train_seconds": train_s,
+        "data": vars(stats), "train_tokens": train_tokens,
+        "train_target_tokens": sum(m["target_tokens"] for m in metrics), "train_seconds": train_s,
+        "wall_seconds": time.perf_counter() - t_data,
         "tokens_per_second": train_tokens / train_s if train_s else 0.0,
         "target_tokens_per_step": sum(m["target_tokens"] for m in metrics) / max(len(metrics), 1),
         "first_loss": metrics[0]["loss"] if metrics else float("nan"),
