@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["eval_argv", "student_job"]
+__all__ = ["baseline_job", "eval_argv", "student_job"]
 
 
 def eval_argv(model: str, output: Path, *, seed: int, problems: int, temperature: float,
@@ -41,6 +41,21 @@ def evaluation(argv: list[str], output: Path) -> dict[str, Any]:
             "per_problem": per_problem_correct(output / "debates.jsonl"), "seconds": round(seconds, 2)}
 
 
+def baseline_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One ``generate`` run (``job["argv"]`` into ``job["output"]``) with ``job["threads"]`` torch
+    threads, its console output in ``<output>/log.txt``; :func:`evaluation`'s dict plus ``job_seconds``."""
+    import torch
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(job["threads"])
+    out = Path(job["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        result = evaluation(job["argv"], out)
+    return {**result, "job_seconds": round(time.perf_counter() - t0, 2)}
+
+
 def student_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train ``job["system"]`` with ``job["seed"]`` (distill, resumable) and evaluate it with each seed
     of ``job["eval_seeds"]``. Returns ``{"system", "seed", "train": {...}, "evals": {seed: {...}}}``."""
@@ -48,6 +63,7 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from arkfast import distill
 
+    t_job = time.perf_counter()
     torch.set_num_threads(job["threads"])
     out = Path(job["output"])
     out.mkdir(parents=True, exist_ok=True)
@@ -70,4 +86,5 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
             path = out / f"eval-s{seed}"
             evals[str(seed)] = evaluation(eval_argv(result["model"], path, seed=seed, problems=job["test_problems"],
                                                     temperature=job["temperature"]), path)
-    return {"system": job["system"], "seed": job["seed"], "train": train, "evals": evals}
+    return {"system": job["system"], "seed": job["seed"], "train": train, "evals": evals,
+            "job_seconds": round(time.perf_counter() - t_job, 2)}

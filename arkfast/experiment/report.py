@@ -24,7 +24,7 @@ from typing import Any
 
 from arkfast.generate import write_json_atomic
 
-from .config import CONTROLS, STUDENTS, ExperimentConfig
+from .config import CONTROLS, ExperimentConfig
 from .stats import mean_std, normal_interval, paired_interval, t_interval, wilson_interval
 
 __all__ = ["machine", "write_report"]
@@ -242,7 +242,7 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
     """The report for people: the table, the paired differences, the targets, the stage times."""
     c = result["config"]
     names = {k: v.format(sc=cfg.sc_agents, a=cfg.agents, r=cfg.rounds) for k, v in LABELS.items()}
-    out = [f"# Experiment: one student vs the committee on `arith`", "",
+    out = ["# Experiment: one student vs the committee on `arith`", "",
            f"- command: `{result['command']}`", f"- machine: {result['machine']}",
            f"- commit: {result['commit']}; written {result['written_at']}",
            f"- data: {c['train_problems']} train problems (debates {cfg.agents}x{cfg.rounds} at T={cfg.temperature}); "

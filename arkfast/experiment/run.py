@@ -99,13 +99,6 @@ class _Experiment:
         return {name: {k: s[k] for k in ("records", "problems", "correct", "incorrect")}
                 for name, s in stats["sets"].items()} | {"problems": stats["problems"]}
 
-    def baseline(self, output: Path, *, seed: int, protocol: str, agents: int = 1, rounds: int = 1) -> dict[str, Any]:
-        from .jobs import eval_argv, evaluation
-
-        return evaluation(eval_argv(self.model, output, seed=seed, problems=self.cfg.test_problems,
-                                    temperature=self.cfg.temperature, protocol=protocol, agents=agents,
-                                    rounds=rounds), output)
-
     def rft_samples(self) -> dict[str, Any]:
         """``rft_samples`` independent single-agent samples per train problem (self-consistency records)."""
         from arkfast import generate
@@ -154,7 +147,7 @@ class _Experiment:
         cfg, prm = self.cfg, self.root / "prm"
         pad = self.root / "trajectories" / "pad.jsonl"
         labels, model, scored = prm / "labels.jsonl", prm / "model", prm / "scored" / "pad.jsonl"
-        threads = str(self.cfg.threads_per_job() * self.cfg.jobs)
+        threads = str(self.cfg.threads_per_job())
         try:
             self.stages.run("prm-label", lambda: prm_main([
                 "label", "--trajectories", str(pad), "--output", str(labels), "--limit", str(cfg.prm_label_limit),
@@ -195,98 +188,139 @@ class _Experiment:
                     "test_problems": cfg.test_problems, "temperature": cfg.temperature}))
         return jobs
 
-    def run_students(self, data: dict[str, list[str]]) -> None:
-        from tqdm.auto import tqdm
-
-        from .jobs import student_job
-
-        jobs = self.student_jobs(data)
-        if not jobs:
-            return
-        self.log(f"[students] {len(jobs)} jobs (distill + {self.cfg.eval_seeds} evaluations each), "
-                 f"{self.cfg.jobs} at a time, {self.cfg.threads_per_job()} thread(s) each; logs in "
-                 f"{self.root / 'students'}/<system>/seed-<K>/log.txt")
-        bar = tqdm(total=len(jobs), unit="student", desc="students", dynamic_ncols=True, disable=not self.cfg.progress)
-        started = {}
-
-        def finish(name: str, result: dict[str, Any]) -> None:
-            marker = self.stages.finished(name)
-            if marker is not None:  # more evaluation seeds for a finished student
-                result["evals"] = {**marker["result"]["evals"], **result["evals"]}
-            self.stages.mark(name, result, time.perf_counter() - started[name])
-            accs = ", ".join(f"{100 * e['accuracy']:.1f}%" for e in result["evals"].values())
-            bar.write(f"[{name}] {result['train']['steps']} steps, {result['train']['train_tokens']:,} tokens "
-                      f"in {result['train']['wall_seconds']:.0f}s; accuracy {accs}")
-            bar.update(1)
-            self.report()
-
-        def failed(name: str, error: BaseException) -> None:
-            self.missing.setdefault(name.split("-seed")[0].removeprefix("student-"), f"{name}: {error}")
-            bar.write(f"error: [{name}] {type(error).__name__}: {error}")
-            bar.update(1)
-
-        try:
-            if self.cfg.jobs == 1:
-                for name, job in jobs:
-                    started[name] = time.perf_counter()
-                    try:
-                        finish(name, student_job(job))
-                    except (ValueError, FileNotFoundError, RuntimeError) as e:
-                        failed(name, e)
-                return
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(max_workers=self.cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {}
-                for name, job in jobs:
-                    futures[pool.submit(student_job, job)] = name
-                    started[name] = time.perf_counter()  # queued time included: this is the job's wall time
-                for future in as_completed(futures):
-                    name = futures[future]
-                    try:
-                        finish(name, future.result())
-                    except Exception as e:  # noqa: BLE001 - a failed job leaves its row incomplete, reported
-                        failed(name, e)
-        finally:
-            bar.close()
-
-    # ------------------------------------------------------------------ the whole run
-
     def run(self) -> dict[str, Any]:
-        cfg, root, st = self.cfg, self.root, self.stages
+        import torch
+
+        threads = torch.get_num_threads()
+        # One thread per process: on a shared machine torch's default (every core) lets OpenMP threads spin
+        # on each other; measured here, a single-agent generation ran over 100x slower with 2 threads than 1.
+        torch.set_num_threads(self.cfg.threads_per_job())
+        jobs = _Jobs(self)
         try:
-            st.run("train-debates", self.train_debates)
-            st.run("trajectories", lambda: self.trajectories(root / "train-debates" / "debates.jsonl",
-                                                             root / "trajectories"))
-            for seed in range(cfg.eval_seeds):
-                st.run(f"test-base-s{seed}", lambda: self.baseline(root / "test" / f"base-s{seed}", seed=seed,
-                                                                   protocol="single"))
-            st.run("test-self-consistency", lambda: self.baseline(root / "test" / "self-consistency", seed=0,
-                                                                  protocol="self-consistency", agents=cfg.sc_agents))
-            st.run("test-debate", lambda: self.baseline(root / "test" / "debate", seed=0, protocol="debate",
-                                                        agents=cfg.agents, rounds=cfg.rounds))
-            self.report()
-            data: dict[str, list[str]] = {"rsft": [str(root / "trajectories" / "rsft.jsonl")],
-                                          "da": [str(root / "trajectories" / "da.jsonl")]}
-            if {"rft-tokens", "rft-compute"} & set(cfg.systems):
-                st.run("rft-samples", self.rft_samples)
-                st.run("rft-trajectories", lambda: self.trajectories(root / "rft-samples" / "debates.jsonl",
-                                                                     root / "rft-trajectories"))
-                data["rft-compute"] = [str(root / "rft-trajectories" / "da.jsonl")]
-                if "rft-tokens" in cfg.systems:
-                    st.run("rft-tokens-data", self.rft_tokens)
-                    data["rft-tokens"] = [str(root / "rft-tokens" / "rft.jsonl")]
-            if "pad" in cfg.systems:
-                scored = self.prm()
-                if scored is not None:
-                    data["pad"] = [str(scored)]
-            self.report()
-            self.run_students(data)
+            self._run(jobs)
+            jobs.wait()
         finally:
+            jobs.close()
+            torch.set_num_threads(threads)
             self.stages.event("experiment", "end", seconds=round(time.perf_counter() - self.t0, 2))
             self.ended = True
         return self.report()
+
+    def _run(self, jobs: _Jobs) -> None:
+        from .jobs import baseline_job, eval_argv, student_job
+
+        cfg, root, st = self.cfg, self.root, self.stages
+        st.run("train-debates", self.train_debates)
+        st.run("trajectories", lambda: self.trajectories(root / "train-debates" / "debates.jsonl", root / "trajectories"))
+        baselines = [(f"test-base-s{s}", "single", 1, 1, s) for s in range(cfg.eval_seeds)]
+        baselines += [("test-self-consistency", "self-consistency", cfg.sc_agents, 1, 0),
+                      ("test-debate", "debate", cfg.agents, cfg.rounds, 0)]
+        for name, protocol, agents, rounds, seed in baselines:
+            out = root / "test" / name.removeprefix("test-")
+            jobs.submit(name, baseline_job, {
+                "output": str(out), "threads": cfg.threads_per_job(),
+                "argv": eval_argv(self.model, out, seed=seed, problems=cfg.test_problems, temperature=cfg.temperature,
+                                  protocol=protocol, agents=agents, rounds=rounds)})
+        data: dict[str, list[str]] = {"rsft": [str(root / "trajectories" / "rsft.jsonl")],
+                                      "da": [str(root / "trajectories" / "da.jsonl")]}
+        if {"rft-tokens", "rft-compute"} & set(cfg.systems):
+            st.run("rft-samples", self.rft_samples)
+            st.run("rft-trajectories", lambda: self.trajectories(root / "rft-samples" / "debates.jsonl",
+                                                                 root / "rft-trajectories"))
+            data["rft-compute"] = [str(root / "rft-trajectories" / "da.jsonl")]
+            if "rft-tokens" in cfg.systems:
+                st.run("rft-tokens-data", self.rft_tokens)
+                data["rft-tokens"] = [str(root / "rft-tokens" / "rft.jsonl")]
+        jobs.drain()
+        if "pad" in cfg.systems:
+            scored = self.prm()
+            if scored is not None:
+                data["pad"] = [str(scored)]
+        jobs.drain()
+        self.report()
+        for name, job in self.student_jobs(data):
+            jobs.submit(name, student_job, job)
+
+
+class _Jobs:
+    """Jobs run in ``cfg.jobs`` worker processes (``spawn``) while the main process goes on with its own
+    stages, or inline, one after another, with ``jobs == 1``. A finished job's marker is written (and the
+    report rewritten) by the main process: in :meth:`drain` between its stages and in :meth:`wait`."""
+
+    def __init__(self, experiment: _Experiment):
+        from tqdm.auto import tqdm
+
+        self.x, self.futures, self.pool = experiment, {}, None
+        self.bar = tqdm(total=0, unit="job", desc="jobs", dynamic_ncols=True, disable=not experiment.cfg.progress)
+
+    def submit(self, name: str, fn: Callable[[dict[str, Any]], dict[str, Any]], job: dict[str, Any]) -> None:
+        marker = self.x.stages.finished(name)
+        if marker is not None and not (name.startswith("student-") and job.get("eval_seeds")):
+            self.x.stages.event(name, "reused")
+            return
+        self.bar.total += 1
+        self.bar.refresh()
+        self.x.stages.event(name, "submitted")
+        if self.x.cfg.jobs == 1:
+            try:
+                self._finish(name, fn(job))
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                self._failed(name, e)
+            return
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=self.x.cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.futures[self.pool.submit(fn, job)] = name
+
+    def _finish(self, name: str, result: dict[str, Any]) -> None:
+        marker = self.x.stages.finished(name)
+        if marker is not None and "evals" in result:  # more evaluation seeds for a finished student
+            result["evals"] = {**marker["result"]["evals"], **result["evals"]}
+        self.x.stages.mark(name, result, result["job_seconds"])
+        if "evals" in result:
+            accs = ", ".join(f"{100 * e['accuracy']:.1f}%" for e in result["evals"].values())
+            t = result["train"]
+            line = f"{t['steps']} steps, {t['train_tokens']:,} tokens in {t['wall_seconds']:.0f}s; accuracy {accs}"
+        else:
+            line = f"accuracy {100 * result['accuracy']:.1f}% of {result['problems']} problems"
+        self.bar.write(f"[{name}] done in {result['job_seconds']:.0f}s: {line}")
+        self.bar.update(1)
+        self.x.report()
+
+    def _failed(self, name: str, error: BaseException) -> None:
+        system = name.split("-seed")[0].removeprefix("student-") if name.startswith("student-") else name
+        self.x.missing.setdefault(system, f"{name}: {type(error).__name__}: {error}")
+        self.x.stages.event(name, "failed", error=str(error))
+        self.bar.write(f"error: [{name}] {type(error).__name__}: {error}")
+        self.bar.update(1)
+
+    def _collect(self, future: Any) -> None:
+        name = self.futures.pop(future)
+        try:
+            self._finish(name, future.result())
+        except Exception as e:  # noqa: BLE001 - a failed job leaves its row incomplete, and says why
+            self._failed(name, e)
+
+    def drain(self) -> None:
+        """Handle the jobs finished so far, without waiting."""
+        for future in [f for f in self.futures if f.done()]:
+            self._collect(future)
+
+    def wait(self) -> None:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        while self.futures:
+            done, _ = wait_futures(list(self.futures), return_when=FIRST_COMPLETED)
+            for future in done:
+                self._collect(future)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.bar.close()
 
 
 def run_experiment(cfg: ExperimentConfig, argv: list[str] | None = None,
