@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -339,6 +340,14 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+@functools.cache
+def _checkout_state() -> tuple[str | None, bool | None]:
+    """The commit and dirty flag of the checkout, read once per process: the code a benchmark runs
+    is the code it imported, even if the checkout moves on while it runs."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
 def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
     """Where and with what a result was measured: device, versions, git commit, UTC timestamp."""
     device = resolve_device(device)
@@ -356,7 +365,7 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = _checkout_state()
     return {
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": name,
@@ -365,8 +374,8 @@ def env_record(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
+        "commit": commit,
+        "dirty": dirty,
         "bench_run": BENCH_RUN,
         **({"suite_run": os.environ[RUN_ENV]} if os.environ.get(RUN_ENV) else {}),
         **({"suite_smoke": True} if os.environ.get(SMOKE_ENV) == "1" else {}),

@@ -185,7 +185,9 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e5 else f"{value:.3e}"
+        if 1e3 <= abs(value) < 1e7:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 1e7 else f"{value:.3e}"
     return str(value).replace("|", "/")
 
 
