@@ -212,17 +212,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="median sequence length of the lognormal (default row-tokens / 8)")
     parser.add_argument("--pad-batch", type=int, default=None,
                         help="sequences per padded batch (default: as many as a packed row holds on average)")
-    parser.add_argument("--providers", nargs="+", default=["packed", "padded", "trl"],
-                        choices=["packed", "padded", "trl"], help="what to measure (default: all)")
+    parser.add_argument("--providers", nargs="+", default=None, choices=["packed", "padded", "trl"],
+                        help="what to measure (default: all; packed and padded with --smoke, where importing "
+                             "TRL alone takes longer than the rest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, ids and batch order")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on CPU, the trainer's default; torch's on CUDA)")
     args = harness.resolve_common_args(parser.parse_args(argv), gpu_benchmark=False)
     cuda = args.device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
     args.sequences = args.sequences or (48 if args.smoke else 400)
     args.row_tokens = args.row_tokens or (256 if args.smoke else 8192 if cuda else 1024)
     args.median_length = args.median_length or args.row_tokens / 8
+    args.providers = args.providers or (["packed", "padded"] if args.smoke else ["packed", "padded", "trl"])
     args.steps = args.reps
 
     from arkfast.train import pack_rows
