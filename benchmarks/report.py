@@ -143,6 +143,7 @@ def latest_rows(records: list[dict[str, Any]], spec: dict[str, Any]) -> list[dic
                 **{k: r.get(k) for k in spec.get("extra", [])},
                 "commit": (r.get("commit") or "?")[:7] + ("+" if r.get("dirty") else ""),
                 "date": str(r.get("timestamp_utc", ""))[:10], "torch": r.get("torch"), "triton": r.get("triton"),
+                "threads": r.get("torch_threads"),
                 "status": r.get("status"),
             })
     return sorted(rows, key=lambda row: (str(row["device"]), row["shape"], row["provider"]))
@@ -230,7 +231,7 @@ def _plot_latest(bench: str, rows: list[dict[str, Any]], spec: dict[str, Any], p
     devices = ", ".join(sorted({str(r["device"]) for r in rows}))
     ax.set_title(f"{bench}: latest figures on {devices}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -267,7 +268,7 @@ def _plot_history(history: dict[str, list[dict[str, Any]]], specs: dict, path: P
     ax.set_title("headline ratios across commits", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -326,7 +327,7 @@ def write_report(folders: list[Path], output: Path, *, include_smoke: bool = Fal
         lines += [f"Figure: `{metric}` ({better} is better); ratio: against `{spec['baseline']}` in the same run"
                   + (f"; ceiling: `{spec['ceiling']}` as a percent" if spec.get("ceiling") else "") + ".", ""]
         columns = ["device", "shape", "provider", "value", "ratio", "pct_ceiling", *spec.get("extra", []),
-                   "commit", "date", "torch", "triton"]
+                   "commit", "date", "torch", "triton", "threads"]
         lines += _md_table(rows, columns) + [""]
         plot = plots_dir / f"{bench}.png"
         if _plot_latest(bench, rows, spec, plot):

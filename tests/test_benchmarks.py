@@ -247,7 +247,7 @@ def test_report_from_fixture_records(tmp_path):
     # Latest run r2 on the H200: triton 1.0 ms vs torch 4.0 ms at H = 2048 -> 4x; 2.0 ms at 4096 -> 2x.
     assert "| NVIDIA H200 | T=4096, H=2048, dtype=bfloat16, residual=False | triton | 1 | 4 | 80 |" in text
     assert "| NVIDIA H200 | T=4096, H=4096, dtype=bfloat16, residual=False | triton | 2 | 2 | 80 |" in text
-    assert "bbbbbbb | 2026-11-02 | 2.11.0 | 3.6.0 |" in text and "0.001" not in text
+    assert "bbbbbbb | 2026-11-02 | 2.11.0 | 3.6.0 | – |" in text and "0.001" not in text
     # The CPU run has no baseline partner for a ratio of its own other than itself.
     assert "| AMD EPYC | T=17, H=64, dtype=float32, residual=False | torch | 9 | 1 |" in text
     # History: geometric mean of (2, 1) = sqrt(2) for r1, of (4, 2) = sqrt(8) for r2.
