@@ -19,11 +19,10 @@ from .weights import PAD_WEIGHTINGS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
-_D = DistillConfig()
-
 
 def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS  # a flag not given leaves the config file's value (or the default) alone
+    d = DistillConfig()  # the defaults the help text quotes
     p = argparse.ArgumentParser(
         prog="python -m arkfast.distill",
         description="Distill R-SFT / DA / PAD trajectories into a single student model: packed rows, the "
@@ -38,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "first when missing; for pad runs/arith-train/prm/scored/pad.jsonl)")
     g.add_argument("--mode", choices=MODES, default=S,
                    help=f"rsft / da: every response token weight 1; pad: weights from the step scores "
-                        f"(default: {_D.mode})")
+                        f"(default: {d.mode})")
     g.add_argument("--pad-weighting", choices=PAD_WEIGHTINGS, default=S,
                    help="pad: score = the step's score; advantage = step score minus the problem's mean "
                         "trajectory score (min over steps), clipped to [-pad-clip, pad-clip]; min = the "
-                        f"minimum score of the steps so far (PURE) (default: {_D.pad_weighting})")
+                        f"minimum score of the steps so far (PURE) (default: {d.pad_weighting})")
     g.add_argument("--pad-clip", type=float, metavar="C", default=S,
-                   help=f"bound of the advantage weights (default: {_D.pad_clip})")
+                   help=f"bound of the advantage weights (default: {d.pad_clip})")
     g.add_argument("--model", metavar="DIR", default=S,
                    help="base Hugging Face checkpoint (default: the embedded tiny model arkfast/zoo/tiny)")
     g.add_argument("--output", metavar="DIR", default=S,
@@ -56,32 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("schedule and optimisation")
     g.add_argument("--epochs", type=float, metavar="E", default=S,
-                   help=f"passes over the packed rows; sets the step count (default: {_D.epochs})")
+                   help=f"passes over the packed rows; sets the step count (default: {d.epochs})")
     g.add_argument("--steps", type=int, metavar="N", default=S,
                    help="optimiser steps of the schedule, instead of --epochs")
     g.add_argument("--stop-after", type=int, metavar="N", default=S,
                    help="end after the first N steps of the schedule (saved, resumable: the rest of the "
                         "same run follows with --resume)")
     g.add_argument("--row-tokens", type=int, metavar="T", default=S,
-                   help=f"tokens per packed row (default: {_D.row_tokens})")
+                   help=f"tokens per packed row (default: {d.row_tokens})")
     g.add_argument("--batch-rows", type=int, metavar="R", default=S,
-                   help=f"packed rows per optimiser step (default: {_D.batch_rows})")
+                   help=f"packed rows per optimiser step (default: {d.batch_rows})")
     g.add_argument("--micro-batch-rows", type=int, metavar="R", default=S,
                    help="rows per forward/backward; batch-rows / micro-batch-rows micro-batches are "
-                        f"accumulated, the loss normalised over the whole step (default: {_D.micro_batch_rows})")
-    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {_D.lr})")
+                        f"accumulated, the loss normalised over the whole step (default: {d.micro_batch_rows})")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {d.lr})")
     g.add_argument("--min-lr-ratio", type=float, default=S,
-                   help=f"cosine floor as a fraction of --lr (default: {_D.min_lr_ratio})")
+                   help=f"cosine floor as a fraction of --lr (default: {d.min_lr_ratio})")
     g.add_argument("--warmup-ratio", type=float, default=S,
-                   help=f"linear warm-up over this fraction of the steps (default: {_D.warmup_ratio})")
+                   help=f"linear warm-up over this fraction of the steps (default: {d.warmup_ratio})")
     g.add_argument("--weight-decay", type=float, default=S,
-                   help=f"AdamW weight decay on matrices (default: {_D.weight_decay})")
+                   help=f"AdamW weight decay on matrices (default: {d.weight_decay})")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), default=S,
-                   help=f"AdamW betas (default: {_D.betas[0]} {_D.betas[1]})")
-    g.add_argument("--eps", type=float, default=S, help=f"AdamW epsilon (default: {_D.eps})")
+                   help=f"AdamW betas (default: {d.betas[0]} {d.betas[1]})")
+    g.add_argument("--eps", type=float, default=S, help=f"AdamW epsilon (default: {d.eps})")
     g.add_argument("--grad-clip", type=float, default=S,
-                   help=f"clip the global gradient norm to this, 0: off (default: {_D.grad_clip})")
-    g.add_argument("--seed", type=int, default=S, help=f"seed of the row order (default: {_D.seed})")
+                   help=f"clip the global gradient norm to this, 0: off (default: {d.grad_clip})")
+    g.add_argument("--seed", type=int, default=S, help=f"seed of the row order (default: {d.seed})")
     g.add_argument("--precision", choices=PRECISIONS, default=S,
                    help="fp32, or bf16 weights with fp32 master weights (default: bf16 on CUDA, else fp32)")
     g.add_argument("--gradient-checkpointing", action="store_true", default=S,
@@ -93,23 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpoints, eval and logs")
     g.add_argument("--save-every", type=int, metavar="N", default=S,
-                   help=f"steps between resumable checkpoints, 0: only at the end (default: {_D.save_every})")
+                   help=f"steps between resumable checkpoints, 0: only at the end (default: {d.save_every})")
     g.add_argument("--keep-checkpoints", type=int, metavar="K", default=S,
-                   help=f"newest checkpoints kept (default: {_D.keep_checkpoints})")
+                   help=f"newest checkpoints kept (default: {d.keep_checkpoints})")
     g.add_argument("--eval-every", type=int, metavar="N", default=S,
                    help="steps between evaluations of the student alone on the held-out split, 0: only at "
-                        f"the end (default: {_D.eval_every})")
+                        f"the end (default: {d.eval_every})")
     g.add_argument("--eval-limit", type=int, metavar="N", default=S,
-                   help=f"held-out problems per evaluation, 0: no evaluation (default: {_D.eval_limit})")
+                   help=f"held-out problems per evaluation, 0: no evaluation (default: {d.eval_limit})")
     g.add_argument("--eval-at-start", action="store_true", default=S,
                    help="also evaluate the base model before the first step")
     g.add_argument("--eval-temperature", type=float, metavar="T", default=S,
-                   help=f"sampling temperature of the evaluation, 0: greedy (default: {_D.eval_temperature}, "
+                   help=f"sampling temperature of the evaluation, 0: greedy (default: {d.eval_temperature}, "
                         "generate's)")
-    g.add_argument("--eval-seed", type=int, default=S, help=f"sampling seed of the evaluation (default: {_D.eval_seed})")
+    g.add_argument("--eval-seed", type=int, default=S, help=f"sampling seed of the evaluation (default: {d.eval_seed})")
     g.add_argument("--eval-dataset", metavar="PATH_OR_NAME", default=S,
                    help="held-out dataset as generate's --dataset (default: the built-in arith task)")
-    g.add_argument("--eval-split", default=S, help=f"held-out split (default: {_D.eval_split})")
+    g.add_argument("--eval-split", default=S, help=f"held-out split (default: {d.eval_split})")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
                    help="no TensorBoard events (default: written when tensorboard is installed)")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
