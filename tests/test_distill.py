@@ -385,9 +385,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(traj_file, tmp_path, mo
     monkeypatch.setattr(ck.torch, "save", real_save)
     assert latest_checkpoint(out).name == "step-000003"  # the second save (step 6) never appeared
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
+    (out / "checkpoints" / ".step-000006.tmp-killed").mkdir()  # what a SIGKILL mid-save leaves
     resumed = distill(small_config(traj_file, out, stop_after=8, resume=True), log=None)
     ref = distill(small_config(traj_file, tmp_path / "ref", stop_after=8), log=None)
     assert resumed["losses"] == ref["losses"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(traj_file, tmp_path, monkeypatch):

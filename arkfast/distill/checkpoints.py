@@ -68,6 +68,10 @@ def save_state(output: Path, step: int, model, optimizer, *, meta: dict[str, Any
         torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": step}, folder / STATE_PT)
         (folder / STATE_JSON).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
 
+    root = output / "checkpoints"
+    if root.is_dir():  # a save killed midway left its temporary folder: never a checkpoint, remove it
+        for stale in root.glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     path = save_checkpoint(model, checkpoint_dir(output, step), extra_files=extra_files, write_extra=write_extra)
     for _, old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
