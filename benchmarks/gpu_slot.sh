@@ -21,7 +21,15 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
 start=$SECONDS
 if [[ -z "${ARKFAST_SKIP_INSTALL:-}" ]]; then  # set it where arkfast is installed already
-    "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 \
+            || ! "$py" -c "import arkfast.kernels, arkfast._C" 2>/dev/null; then
+        # No editable install (an old setuptools, say): build the extension in place and map the
+        # kernels package the way pyproject's package-dir does, in this throwaway copy.
+        echo "pip install -e failed; building in place"
+        "$py" setup.py -q build_ext --inplace
+        [[ -e arkfast/kernels ]] || ln -s ../kernels arkfast/kernels
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 "$py" -c "import torch, triton, arkfast._C, arkfast.kernels; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
