@@ -287,13 +287,15 @@ def relative_error(got, expected) -> float:
 
 
 def run_checks(names: list[str], dtypes: list[torch.dtype], device: torch.device, smoke: bool,
-               seed: int = 0) -> list[dict]:
-    """Every case of every named check in every dtype; one row each (``ok`` False on error too)."""
+               seed: int = 0, on_kernel: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every case of every named check in every dtype; one row each (``ok`` False on error too).
+    ``on_kernel`` receives each (kernel, dtype)'s rows as soon as they are known."""
     rows = []
     for dtype in dtypes:
         gen = torch.Generator(device=device).manual_seed(seed)
         tol = TOL_FACTOR * UNIT_ROUNDOFF[dtype]
         for kernel in names:
+            first = len(rows)
             # Each case runs before its generator draws the next one: the lambdas see this case's tensors.
             cases = CHECKS[kernel](dtype, device, gen, smoke)
             while True:
@@ -314,6 +316,8 @@ def run_checks(names: list[str], dtypes: list[torch.dtype], device: torch.device
                 except Exception as exc:  # noqa: BLE001 -- report and carry on with the other checks
                     row.update(rel_err=None, ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
                 rows.append(row)
+            if on_kernel is not None:
+                on_kernel(rows[first:])
     return rows
 
 
@@ -356,13 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     names = args.kernels or list(CHECKS)
     print(f"correctness on {device} ({'real kernels' if cuda else 'Triton interpreter, tiny shapes'}): "
           f"{len(names)} kernels x {len(dtypes)} dtypes", file=sys.stderr, flush=True)
+    save = not args.no_save and (cuda or os.environ.get(harness.SMOKE_ENV) == "1")
+
+    def done(kernel_rows: list[dict]) -> None:  # saved kernel by kernel: a run cut short keeps them
+        passed = sum(r["ok"] for r in kernel_rows)
+        if kernel_rows:
+            print(f"  {kernel_rows[0]['kernel']} {kernel_rows[0]['dtype']}: {passed}/{len(kernel_rows)} ok",
+                  file=sys.stderr, flush=True)
+        for row in kernel_rows if save else ():
+            harness.append_result("gpu_check", row, device=device)
     with _kernel_mode(device):
-        rows = run_checks(names, dtypes, device, smoke, seed=args.seed)
+        rows = run_checks(names, dtypes, device, smoke, seed=args.seed, on_kernel=done)
     harness.print_table(rows, columns=["kernel", "case", "dtype", "rel_err", "tol", "ok", "error"])
     failed = [r for r in rows if not r["ok"]]
-    if not args.no_save and (cuda or os.environ.get(harness.SMOKE_ENV) == "1"):
-        for row in rows:
-            harness.append_result("gpu_check", row, device=device)
     print(f"{len(rows) - len(failed)}/{len(rows)} checks passed" +
           (f"; FAILED: {', '.join(sorted({r['kernel'] for r in failed}))}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
