@@ -17,10 +17,10 @@ STUDENTS = {
     "rsft": ("rsft", "R-SFT: one correct final-round debate trajectory per problem the committee got right"),
     "da": ("da", "DA: distinct correct debate trajectories, at most --max-per-problem per problem"),
     "pad": ("pad", "PAD: correct and incorrect debate trajectories, token weights from PRM step scores"),
-    "rft-tokens": ("rsft", "RFT matched to R-SFT in training tokens: distinct correct single-agent samples, "
-                           "one per problem in turn, until R-SFT's token count is reached"),
-    "rft-compute": ("da", "RFT matched to DA in generation compute: agents x rounds single-agent samples per "
-                          "problem, distinct correct ones kept as DA keeps them"),
+    "rft-tokens": ("rsft", ("RFT matched to R-SFT in training tokens: distinct correct single-agent samples, "
+                            "one per problem in turn, until R-SFT's token count is reached")),
+    "rft-compute": ("da", ("RFT matched to DA in generation compute: agents x rounds single-agent samples per "
+                           "problem, distinct correct ones kept as DA keeps them")),
 }
 
 # The matched control of each debate-trained student.

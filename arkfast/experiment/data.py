@@ -38,8 +38,7 @@ def copy_reusable_debates(source: Path, target: Path, ids: set[str], expected: d
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)

@@ -245,12 +245,12 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
     out = ["# Experiment: one student vs the committee on `arith`", "",
            f"- command: `{result['command']}`", f"- machine: {result['machine']}",
            f"- commit: {result['commit']}; written {result['written_at']}",
-           f"- data: {c['train_problems']} train problems (debates {cfg.agents}x{cfg.rounds} at T={cfg.temperature}); "
+           (f"- data: {c['train_problems']} train problems (debates {cfg.agents}x{cfg.rounds} at T={cfg.temperature}); "
            f"{c['test_problems']} test problems; students trained {c['epochs']} epochs at lr {c['lr']}, rows of "
            f"{c['row_tokens']} tokens, {c['seeds']} training seeds, each evaluated alone with "
-           f"{c['eval_seeds']} sampling seed(s) at T={cfg.temperature}", "",
-           "| system | calls / problem | tokens / problem (generated; prompt) | accuracy % | 95% interval | "
-           "seeds × evals | generation tokens for training data | training tokens | wall time |",
+           f"{c['eval_seeds']} sampling seed(s) at T={cfg.temperature}"), "",
+           ("| system | calls / problem | tokens / problem (generated; prompt) | accuracy % | 95% interval | "
+           "seeds × evals | generation tokens for training data | training tokens | wall time |"),
            "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["kind"] == "student":
@@ -274,14 +274,14 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
     if result["missing"]:
         out += ["", "Missing or incomplete rows:", "", *[f"- {names.get(k, k)}: {v}" for k, v in result["missing"].items()]]
     out += ["", "Notes:", "",
-            "- Accuracy: a baseline pools its evaluation runs (Wilson interval); a student is mean ± std over training "
-            "seeds, with the t interval over seeds and the normal interval over test problems.",
-            "- Generation tokens: tokens sampled to make the training data (the train-split debates for R-SFT and DA; "
+            ("- Accuracy: a baseline pools its evaluation runs (Wilson interval); a student is mean ± std over training "
+            "seeds, with the t interval over seeds and the normal interval over test problems."),
+            ("- Generation tokens: tokens sampled to make the training data (the train-split debates for R-SFT and DA; "
             "plus the PRM's Monte-Carlo rollouts for PAD; the single-agent samples for both RFT rows, the "
-            "token-matched one drawing only part of them). Training tokens: tokens in the packed rows the trainer read.",
-            "- Wall time: a baseline's generation run; a student's training plus its evaluations (per seed, mean). "
+            "token-matched one drawing only part of them). Training tokens: tokens in the packed rows the trainer read."),
+            ("- Wall time: a baseline's generation run; a student's training plus its evaluations (per seed, mean). "
             "Jobs ran " f"{c['jobs']} at a time with {c['threads_per_job']} thread(s) each on a machine shared with "
-            f"other work (load average at writing: {', '.join(f'{x:.1f}' for x in result['load_average'])}).",
+            f"other work (load average at writing: {', '.join(f'{x:.1f}' for x in result['load_average'])})."),
             "", "| stage | wall time | finished (UTC) |", "|---|---|---|"]
     for s in result["stages"]:
         out.append(f"| {s['stage']} | {_seconds(s['seconds'])} | {s['finished_at']} |")
