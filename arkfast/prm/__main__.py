@@ -32,6 +32,9 @@ def _engine_flags(p: argparse.ArgumentParser, *, prefix_caching: bool) -> None:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on a GPU, else float32)")
     g.add_argument("--max-num-seqs", type=_POSITIVE, metavar="N", default=None,
                    help="sequences in flight in the engine (default: engine's, 256)")
+    g.add_argument("--threads", type=_POSITIVE, metavar="N", default=None,
+                   help="torch CPU threads (default: torch's, one per core; on a CPU shared with other jobs "
+                        "1 is much faster)")
     if prefix_caching:
         g.add_argument("--no-prefix-caching", action="store_true",
                        help="turn the engine's prefix cache off (default: on; the rollouts of a trajectory "
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=_PROBABILITY, metavar="P", default=1.0, help="rollout nucleus threshold (default: %(default)s)")
     s.add_argument("--max-tokens", type=_POSITIVE, metavar="N", default=None,
                    help="tokens per rollout (default: the task's completion budget, 96 for arith)")
-    s.add_argument("--limit", type=_NON_NEGATIVE, metavar="N", default=600,
+    s.add_argument("--limit", type=_NON_NEGATIVE, metavar="N", default=400,
                    help="label N trajectories drawn in a seeded random order, 0: all (default: %(default)s)")
     s.add_argument("--model", metavar="DIR", default=None,
                    help="rollout model, the policy that wrote the trajectories (default: the embedded tiny model)")
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", metavar="DIR", default=None, help="PRM folder (default: runs/arith-train/prm/model)")
     t.add_argument("--base-model", metavar="DIR", default=None,
                    help="backbone to start from (default: the embedded tiny model)")
-    t.add_argument("--steps", type=_POSITIVE, metavar="N", default=300, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--steps", type=_POSITIVE, metavar="N", default=200, help="optimizer steps (default: %(default)s)")
     t.add_argument("--batch-rows", type=_POSITIVE, metavar="N", default=2,
                    help="packed rows per optimizer step (default: %(default)s)")
     t.add_argument("--row-tokens", type=_POSITIVE, metavar="N", default=1024,

@@ -60,6 +60,13 @@ def _ensure_trajectories(path: Path) -> Path:
     return path
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _engine(args: argparse.Namespace, model: str):
     import arkfast
 
@@ -93,6 +100,7 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
     from .labels import LabelConfig, LabelStats, label_source, monte_carlo_labels, outcome_labels
     from arkfast.trajectories import read_trajectories
 
+    _set_threads(args)
     paths = default_paths()
     trajectories = _ensure_trajectories(Path(args.trajectories or paths["trajectories"]))
     out = Path(args.output or paths["labels"])
@@ -329,6 +337,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import evaluate_samples, sample_solutions
     from .model import load_prm
 
+    _set_threads(args)
     paths = default_paths()
     model_dir = Path(args.prm or paths["model"])
     if not model_dir.exists() and model_dir.resolve() == paths["model"].resolve():

@@ -43,7 +43,7 @@ class PRMTrainConfig(TrainConfig):
     plus the PRM's terms: ``contrastive_weight`` (lambda; 0: BCE only) and ``contrastive_temperature``
     (tau). Defaults suit the tiny model on the arith task (see ``docs/prm.md``)."""
 
-    steps: int = 300
+    steps: int = 200
     batch_rows: int = 2
     lr: float = 3e-4
     warmup_ratio: float = 0.05
