@@ -29,9 +29,11 @@ or a benchmark's own ``"smoke": true``) are left out unless ``--include-smoke``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ast
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -301,6 +303,7 @@ def write_report(folders: list[Path], output: Path, *, include_smoke: bool = Fal
     specs = load_specs(bench_dir)
     plots_dir = output.parent / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
+    can_plot = importlib.util.find_spec("matplotlib") is not None
     by_bench: dict[str, list] = defaultdict(list)
     for r in records:
         by_bench[r["bench"]].append(r)
@@ -310,6 +313,8 @@ def write_report(folders: list[Path], output: Path, *, include_smoke: bool = Fal
              + (" (smoke records included: tiny shapes, not figures to quote)" if include_smoke else "")
              + ". Ratios compare a provider with the baseline measured in the same run; figures from "
                "different devices are never compared. Do not edit by hand: rerun the command.", ""]
+    if not can_plot:
+        lines += ["(No plots: matplotlib is not installed; `pip install matplotlib`, or the `viz` extra.)", ""]
     lines += ["## Correctness on the device", ""] + _correctness(records) + [""]
     written, history = [], {}
     for bench in sorted(b for b in by_bench if b != "gpu_check"):
@@ -330,7 +335,7 @@ def write_report(folders: list[Path], output: Path, *, include_smoke: bool = Fal
                    "commit", "date", "torch", "triton", "threads"]
         lines += _md_table(rows, columns) + [""]
         plot = plots_dir / f"{bench}.png"
-        if _plot_latest(bench, rows, spec, plot):
+        if can_plot and _plot_latest(bench, rows, spec, plot):
             written.append(plot)
             lines += [f"![{bench}]({_rel(plot, output.parent)})", ""]
         history[bench] = headline_history(by_bench[bench], spec)
@@ -340,13 +345,15 @@ def write_report(folders: list[Path], output: Path, *, include_smoke: bool = Fal
     if points:
         lines += _md_table(points, ["bench", "headline", "device", "commit", "date", "ratio", "shapes"]) + [""]
         plot = plots_dir / "history.png"
-        if _plot_history({b: ps for b, ps in history.items() if ps}, specs, plot):
+        if can_plot and _plot_history({b: ps for b, ps in history.items() if ps}, specs, plot):
             written.append(plot)
             lines += [f"![history]({_rel(plot, output.parent)})", ""]
     else:
         lines += ["No run has both a headline provider and its baseline yet.", ""]
     lines += _last_suite(folders)
-    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, output)  # a report is never half-written
     return {"output": output, "benches": sorted(by_bench), "plots": written, "records": len(records)}
 
 
