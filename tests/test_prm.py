@@ -407,3 +407,25 @@ def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {empty}: empty file")
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_eval_numbers_match_a_recount_of_the_samples(llm, tok):
+    from arkfast.prm.evaluate import evaluate_samples, sample_solutions
+
+    task, n = ArithTask(), 3
+    samples = sample_solutions(llm, task, arith_problems("test", 4), n=n, temperature=0.5, seed=1, use_tqdm=False)
+    assert [s["id"] for s in samples[:n]] == [f"arith-test-0/r1/a{j}" for j in range(n)]
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(), seed=5)
+    out = evaluate_samples(prm, tok, samples, n=n)
+    scores = score_examples(prm, [encode_trajectory(tok, s) for s in samples])
+    right = [check_steps(s["response"], s["steps"], s["meta"]["solution"]) for s in samples]
+    flat = [(x, ok) for ss, rr in zip(scores, right) for x, ok in zip(ss, rr)]
+    assert out["steps"] == len(flat) and out["right_steps"] == sum(ok for _, ok in flat)
+    assert out["step_auroc"] == step_auroc([x for x, _ in flat], [ok for _, ok in flat])
+    groups = range(0, len(samples), n)
+    picks = [max(range(i, i + n), key=lambda j: (min(scores[j]), -j)) for i in groups]
+    assert out["best_of_n_accuracy"] == sum(samples[j]["correct"] for j in picks) / len(picks)
+    assert out["pass_at_n"] == sum(any(s["correct"] for s in samples[i:i + n]) for i in groups) / len(picks)
+    assert out["sample_accuracy"] == sum(s["correct"] for s in samples) / len(samples)
+    fe = first_error_f1([predicted_first_error(ss) for ss in scores], [first_error(rr) for rr in right])
+    assert out["first_error_f1"] == fe["f1"]

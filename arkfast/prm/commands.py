@@ -371,7 +371,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=sum(1 for s in samples if s["steps"]), unit="traj", desc="eval", dynamic_ncols=True)
     result = evaluate_samples(prm, tokenizer, samples, n=args.n, threshold=args.threshold, progress=bar.update)
     bar.close()
-    result = {**result, "prm": str(model_dir), "label_source": prm.config.label_source, **{"config": config},
+    result = {**result, "prm": str(model_dir), "label_source": prm.config.label_source, "config": config,
               "seconds_sampling": sample_seconds, "seconds": time.perf_counter() - t0}
     write_json_atomic(out, result)
     n = args.n
