@@ -151,14 +151,29 @@ def _seconds(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _invocation_seconds(root: Path) -> float:
-    path, total = root / "stages.jsonl", 0.0
+def _invocations(root: Path, running_seconds: float) -> tuple[float, list[str]]:
+    """``(seconds, commits)`` of the invocations in ``stages.jsonl`` that ran a stage (a rerun that only
+    reused finished stages is not experiment time); ``running_seconds``: the current invocation's time so
+    far, when it is not yet logged as ended."""
+    path, total, commits, current = root / "stages.jsonl", 0.0, [], None
     if path.is_file():
         for line in path.read_text().splitlines():
             event = json.loads(line)
-            if event["stage"] == "experiment" and event["event"] == "end":
-                total += event["seconds"]
-    return total
+            if event["stage"] == "experiment" and event["event"] == "start":
+                current = {"ran": False, "commit": event.get("commit")}
+            elif event["stage"] == "experiment" and event["event"] == "end":
+                if current is not None and current["ran"]:
+                    total += event["seconds"]
+                    if current["commit"] and current["commit"] not in commits:
+                        commits.append(current["commit"])
+                current = None
+            elif event["event"] == "ran" and current is not None:
+                current["ran"] = True
+    if current is not None and current["ran"]:
+        total += running_seconds
+        if current["commit"] and current["commit"] not in commits:
+            commits.append(current["commit"])
+    return total, commits
 
 
 def _targets(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]], total_s: float,
@@ -177,6 +192,9 @@ def _targets(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]],
         d, iv = 100 * c["difference"], c["interval_seeds"]
         if iv is None:
             lines.append(f"Target 2, {name}: not decided, one seed only ({d:+.1f} points vs {control}).")
+        elif iv[1] < 0:
+            lines.append(f"Target 2, {name}: missed; it is worse than {control}: {d:+.1f} points, 95% interval "
+                         f"over seeds {_interval(iv)}, wholly below zero.")
         elif c["beats"]:
             lines.append(f"Target 2, {name}: met; it beats {control} by {d:+.1f} points, 95% interval over seeds "
                          f"{_interval(iv)} (lower end above zero).")
@@ -218,9 +236,11 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
 
     stage_rows = [{"stage": name, "seconds": m["seconds"], "finished_at": m["finished_at"]}
                   for name, m in sorted(markers.items(), key=lambda kv: kv[1]["finished_at"])]
-    total_s = _invocation_seconds(root) + invocation_seconds
+    total_s, commits = _invocations(root, invocation_seconds)
     result = {
-        "machine": machine(), "commit": commit(), "command": " ".join(["python -m arkfast.experiment", *argv]).strip(),
+        "machine": machine(),
+        "commit": (", ".join(commits) + " (the code that ran the stages)") if commits else f"not recorded by the invocations that ran the stages; HEAD now {commit()}",
+        "command": " ".join(["python -m arkfast.experiment", *argv]).strip(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
         "config": {**cfg.data_settings(model), "seeds": cfg.seeds, "eval_seeds": cfg.eval_seeds,
                    "systems": list(cfg.systems), "jobs": cfg.jobs, "threads_per_job": cfg.threads_per_job()},
@@ -289,5 +309,6 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
     if reused:
         out.append(f"\n{reused} of the train debates were copied from an earlier run of the same settings; their "
                    f"generation time is not in the train-debates stage.")
-    out.append(f"\nTotal wall time of this experiment's invocations: {_seconds(result['wall_seconds'])}.")
+    out.append(f"\nTotal wall time of this experiment's invocations that ran stages: "
+               f"{_seconds(result['wall_seconds'])}.")
     return "\n".join(out) + "\n"

@@ -58,7 +58,9 @@ class _Experiment:
         self.stages = StageLog(self.root, log)
         self.missing: dict[str, str] = {}  # system -> why it has no (complete) row
         self.t0, self.ended = time.perf_counter(), False
-        self.stages.event("experiment", "start", argv=argv)
+        from .report import commit
+
+        self.stages.event("experiment", "start", argv=argv, commit=commit())
 
     def report(self) -> dict[str, Any]:
         running = 0.0 if self.ended else time.perf_counter() - self.t0  # once ended, it is in stages.jsonl
