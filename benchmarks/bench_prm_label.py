@@ -195,13 +195,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, folder = build_models(args, Path(tmp))
         if args.hf:
-            rows.append({**base, **run("hf-generate", lambda w: hf_pass(hf_model, w, args), workloads, args)})
+            rows.append({**base, **run("hf-generate", lambda w, m=hf_model: hf_pass(m, w, args), workloads, args)})
         del hf_model
         options = {"max_num_seqs": 256}
         for name, extra in (("arkfast", {}),
                             ("arkfast-no-prefix-cache", {"enable_prefix_caching": False, "cascade": "off"})):
             llm = LLM(str(folder), dtype=args.dtype, device=args.device, **options, **extra)
-            row = {**base, **run(name, lambda w: arkfast_pass(llm, w, args), workloads, args)}
+            row = {**base, **run(name, lambda w, engine=llm: arkfast_pass(engine, w, args), workloads, args)}
             row["prefix_cache_hit_rate"] = llm.stats["prefix_cache_hit_rate"]
             rows.append(row)
             del llm

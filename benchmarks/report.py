@@ -29,8 +29,8 @@ or a benchmark's own ``"smoke": true``) are left out unless ``--include-smoke``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import ast
+import importlib.util
 import json
 import math
 import os

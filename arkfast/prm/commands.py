@@ -96,9 +96,10 @@ _RESUME_KEYS = ("method", "k", "hard", "temperature", "top_p", "max_tokens", "se
 def run_label(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from arkfast.trajectories import read_trajectories
+
     from .files import read_label_records_for_resume
     from .labels import LabelConfig, LabelStats, label_source, monte_carlo_labels, outcome_labels
-    from arkfast.trajectories import read_trajectories
 
     _set_threads(args)
     paths = default_paths()
@@ -199,17 +200,16 @@ def _split_by_problem(records: list[dict[str, Any]], fraction: float, seed: int)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
     from tqdm.auto import tqdm
 
     from arkfast.models import load_model
+    from arkfast.trajectories import default_step_mode, tokenizer_fingerprint
 
     from .data import encode_trajectory, pack_step_rows, score_examples
     from .files import read_labels
     from .metrics import step_auroc
     from .model import PRMConfig, ProcessRewardModel
     from .training import PRMTrainConfig, evaluate_rows, train_prm
-    from arkfast.trajectories import default_step_mode, tokenizer_fingerprint
 
     paths = default_paths()
     labels_path = Path(args.labels or paths["labels"])

@@ -9,7 +9,7 @@ from typing import Any
 from arkfast.generate import read_records
 from arkfast.trajectories import TrajectoryFileError, read_trajectories, validate_record
 
-__all__ = ["LABEL_FIELDS", "check_label_record", "read_labels", "read_label_records_for_resume"]
+__all__ = ["LABEL_FIELDS", "check_label_record", "read_label_records_for_resume", "read_labels"]
 
 LABEL_FIELDS = ("step_labels", "label_source")
 
