@@ -20,32 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arkfast.cli import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY, TEMPERATURE, number, run_cli
+
 __all__ = ["build_parser", "default_model_path", "main", "read_records"]
 
 SUMMARY_EVERY_S = 10.0
 
 
-def _number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-            what: str = ""):
-    """An argparse ``type`` parsing ``kind`` and checking ``low <= x`` (``low < x`` with ``low_open``)
-    and ``x <= high``; a bad value becomes argparse's one-line usage error naming the flag."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-_POSITIVE = _number(int, low=1, what="an integer >= 1")
-_NON_NEGATIVE = _number(int, low=0, what="an integer >= 0")
-_TEMPERATURE = _number(float, low=0.0, what="a number >= 0")
-_PROBABILITY = _number(float, low=0.0, low_open=True, high=1.0, what="a number in (0, 1]")
-_TOP_K = _number(int, low=-1, what="an integer >= -1 (-1 or 0: off)")
+_TOP_K = number(int, low=-1, what="an integer >= -1 (-1 or 0: off)")
 
 
 def default_model_path() -> Path:
@@ -77,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--answer-field", metavar="NAME", default=None, help="field holding the gold answer (generic adapter)")
     g.add_argument("--split", default=None,
                    help="hub or arith split (default: test); a local file is one split and ignores it")
-    g.add_argument("--limit", type=_NON_NEGATIVE, metavar="N", default=None,
+    g.add_argument("--limit", type=NON_NEGATIVE_INT, metavar="N", default=None,
                    help="use only the first N problems (default: all)")
 
     g = p.add_argument_group("protocol")
@@ -85,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single: one agent; self-consistency: N samples and a majority vote; "
                         "debate: N agents x R rounds, final answer by majority vote of the last round "
                         "(default: %(default)s)")
-    g.add_argument("--agents", type=_POSITIVE, metavar="N", default=5,
+    g.add_argument("--agents", type=POSITIVE_INT, metavar="N", default=5,
                    help="agents (samples); ignored by single (default: %(default)s)")
-    g.add_argument("--rounds", type=_POSITIVE, metavar="R", default=2,
+    g.add_argument("--rounds", type=POSITIVE_INT, metavar="R", default=2,
                    help="debate rounds; only debate uses more than 1 (default: %(default)s)")
     g.add_argument("--aggregator", action="store_true",
                    help="one more call reads all final solutions and gives the final answer; not with "
@@ -96,18 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared: one transcript per round shared by all agents (prefix-cache friendly) "
                         "+ a per-agent suffix; classic: each agent's own LLM-Debate conversation "
                         "(default: %(default)s)")
-    g.add_argument("--max-active-problems", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--max-active-problems", type=POSITIVE_INT, metavar="N", default=None,
                    help="problems in flight at once (default: enough to fill the engine's batch twice, "
                         "2 x max-num-seqs / agents; fewer means records are written sooner)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=_TEMPERATURE, metavar="T", default=0.5,
+    g.add_argument("--temperature", type=TEMPERATURE, metavar="T", default=0.5,
                    help="sampling temperature, 0 is greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=_PROBABILITY, metavar="P", default=1.0,
+    g.add_argument("--top-p", type=PROBABILITY, metavar="P", default=1.0,
                    help="nucleus sampling threshold (default: %(default)s)")
     g.add_argument("--top-k", type=_TOP_K, metavar="K", default=-1,
                    help="sample from the k most likely tokens, -1: off (default: %(default)s)")
-    g.add_argument("--max-tokens", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--max-tokens", type=POSITIVE_INT, metavar="N", default=None,
                    help="tokens per completion (default: the task's: 96 for arith, 512 for gsm8k/choice/"
                         "generic, 1024 for math)")
     g.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the engine and of every request's sampling (default: %(default)s)")
@@ -116,18 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on a GPU, "
                                                   "else float32)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if present)")
-    g.add_argument("--block-size", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--block-size", type=POSITIVE_INT, metavar="N", default=None,
                    help="KV-cache block size, a power of two >= 16 (default: engine's, 16)")
-    g.add_argument("--num-kv-blocks", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--num-kv-blocks", type=POSITIVE_INT, metavar="N", default=None,
                    help="KV-cache blocks (default: sized from memory by the engine)")
-    g.add_argument("--max-num-seqs", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--max-num-seqs", type=POSITIVE_INT, metavar="N", default=None,
                    help="sequences in flight (default: engine's, 256)")
-    g.add_argument("--max-model-len", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--max-model-len", type=POSITIVE_INT, metavar="N", default=None,
                    help="longest prompt + completion (default: the model's)")
-    g.add_argument("--max-num-batched-tokens", type=_POSITIVE, metavar="N", default=None,
+    g.add_argument("--max-num-batched-tokens", type=POSITIVE_INT, metavar="N", default=None,
                    help="tokens one engine step computes, the chunked-prefill budget "
                         "(default: engine's, 4096)")
-    g.add_argument("--gpu-memory-utilization", type=_PROBABILITY, metavar="F", default=None,
+    g.add_argument("--gpu-memory-utilization", type=PROBABILITY, metavar="F", default=None,
                    help="share of the GPU's memory the engine may fill, KV cache included "
                         "(default: engine's, 0.9)")
     g.add_argument("--enforce-eager", action="store_true",
@@ -297,10 +279,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # main() has said how to resume
-        sys.exit(130)
+    run_cli(main)  # main() itself says how to resume after an interrupt

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from .config import MODES, PRECISIONS, DistillConfig, load_config_file
@@ -142,17 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run_cli() -> None:
+    from arkfast import cli
+
     from .run import NonFiniteLossError
 
-    try:
-        main()
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same flags and --resume", file=sys.stderr)
-        sys.exit(130)
+    cli.run_cli(main, interrupted="interrupted; continue with the same flags and --resume",
+                failures=(NonFiniteLossError,))
 

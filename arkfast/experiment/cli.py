@@ -14,16 +14,17 @@ import argparse
 import sys
 from typing import Any
 
-from arkfast.generate import _number
+from arkfast import cli
+from arkfast.cli import number
 
 from .config import STUDENTS, ExperimentConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 _D = ExperimentConfig()
-_POSITIVE = _number(int, low=1, what="an integer >= 1")
-_POSITIVE_FLOAT = _number(float, low=0.0, low_open=True, what="a number > 0")
-_TEMPERATURE = _number(float, low=0.0, what="a number >= 0")
+_POSITIVE = number(int, low=1, what="an integer >= 1")
+_POSITIVE_FLOAT = number(float, low=0.0, low_open=True, what="a number > 0")
+_TEMPERATURE = number(float, low=0.0, what="a number >= 0")
 
 
 def _systems(text: str) -> tuple[str, ...]:
@@ -136,11 +137,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run_cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue", file=sys.stderr)
-        sys.exit(130)
+    cli.run_cli(main, interrupted="interrupted; run the same command again to continue")

@@ -12,18 +12,17 @@ trajectories, which generate the debates).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from arkfast.generate import _number
+from arkfast.cli import number, run_cli
 
 __all__ = ["build_parser", "main"]
 
-_POSITIVE = _number(int, low=1, what="an integer >= 1")
-_NON_NEGATIVE = _number(int, low=0, what="an integer >= 0")
-_NON_NEGATIVE_FLOAT = _number(float, low=0.0, what="a number >= 0")
-_POSITIVE_FLOAT = _number(float, low=0.0, low_open=True, what="a number > 0")
-_PROBABILITY = _number(float, low=0.0, low_open=True, high=1.0, what="a number in (0, 1]")
-_FRACTION = _number(float, low=0.0, high=0.9, what="a number in [0, 0.9]")
+_POSITIVE = number(int, low=1, what="an integer >= 1")
+_NON_NEGATIVE = number(int, low=0, what="an integer >= 0")
+_NON_NEGATIVE_FLOAT = number(float, low=0.0, what="a number >= 0")
+_POSITIVE_FLOAT = number(float, low=0.0, low_open=True, what="a number > 0")
+_PROBABILITY = number(float, low=0.0, low_open=True, high=1.0, what="a number in (0, 1]")
+_FRACTION = number(float, low=0.0, high=0.9, what="a number in [0, 0.9]")
 
 
 def _engine_flags(p: argparse.ArgumentParser, *, prefix_caching: bool) -> None:
@@ -164,10 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

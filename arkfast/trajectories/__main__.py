@@ -12,9 +12,10 @@ Selection rules: :mod:`arkfast.trajectories.build`; record schema: :mod:`arkfast
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from arkfast.cli import POSITIVE_INT, run_cli
 
 from .build import SETS, SKIP_REASONS, BuildConfig, build_sets, load_debates
 from .schema import tokenizer_fingerprint, write_trajectories
@@ -29,16 +30,6 @@ def _step_mode(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_step_mode, metavar="MODE", default=None,
                    help="step segmentation: line, paragraph (blank-line separated) or regex:PATTERN (each "
                         "match separates two steps) (default: per task, line for arith, paragraph otherwise)")
-    p.add_argument("--max-per-problem", type=_positive, metavar="N", default=BuildConfig.max_per_problem,
+    p.add_argument("--max-per-problem", type=POSITIVE_INT, metavar="N", default=BuildConfig.max_per_problem,
                    help="cap per problem on da.jsonl, and on each of pad.jsonl's correct and incorrect "
                         "trajectories; the most preferred (later round, then seeded agent order) are kept "
                         "(default: %(default)s)")
@@ -163,10 +154,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)
