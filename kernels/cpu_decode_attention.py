@@ -29,6 +29,10 @@ from dataclasses import dataclass
 import torch
 
 PAD_FRACTION = 0.5  # a pass's items are at least this fraction of its longest (else a new pass)
+# Up to this many KV heads a pass multiplies every head in one bmm (:func:`_pass_all_heads`): Hkv
+# times the flops of per-head matmuls, but half the gathers and matmul calls of two heads, and each
+# slot's K/V row gathered whole. Past it the flops win: one gather and bmm pair per head.
+ALL_HEADS_MAX_KV_HEADS = 2
 
 
 @dataclass
@@ -47,6 +51,26 @@ class CpuDecodePass:
     bias: torch.Tensor
 
 
+class Workspace:
+    """Scratch tensors reused by every layer of a step and by later steps: :meth:`get` returns a view
+    of the first elements of a flat buffer per name that only grows. Fresh multi-megabyte tensors at
+    every op cost page faults (the allocator hands large blocks back to the OS on free), which made
+    the gathers several times slower than their copies. Contents are not cleared between uses."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n + n // 4, dtype=dtype)   # headroom: sequences grow a token a step
+            self._buffers[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+
 @dataclass
 class CpuDecodePlan:
     """The passes of one decode step over ``B`` sequences (see the module docstring), built by
@@ -61,6 +85,8 @@ class CpuDecodePlan:
     suffix_state: torch.Tensor
     num_prefix_groups: int
     seq_lens: list[int]
+    num_states: int
+    workspace: Workspace
 
 
 def _bucket(order: list[int], lengths: list[int]) -> list[list[int]]:
@@ -98,14 +124,15 @@ def _make_pass(tables: torch.Tensor, table_rows: list[int], starts: list[int], l
 
 
 def plan_cpu_decode(block_tables, seq_lens: list[int], *, block_size: int, group_ids: list[int] | None = None,
-                    prefix_lens: list[int] | None = None) -> CpuDecodePlan:
+                    prefix_lens: list[int] | None = None, workspace: Workspace | None = None) -> CpuDecodePlan:
     """Plan one decode step (host side, once per step; every layer reuses it).
 
     ``block_tables [B, W]`` (int tensor or list of equal-length lists; entries past a sequence's last
     block are never read); ``seq_lens``: B host ints, each ``<= W x block_size``. ``group_ids [B]``
     (ints in ``[0, G)``) and ``prefix_lens [G]``: group g's members share tokens ``[0, prefix_lens[g])``
     (``<= seq_lens`` of every member), read through its first member's table row. A group of one, or
-    with an empty prefix, is read as plain sequences.
+    with an empty prefix, is read as plain sequences. ``workspace``: scratch to reuse (the previous
+    step's plan's), else a new one.
     """
     tables = torch.as_tensor(block_tables, dtype=torch.long)
     B = len(seq_lens)
@@ -162,7 +189,8 @@ def plan_cpu_decode(block_tables, seq_lens: list[int], *, block_size: int, group
     empty = state  # the index of the empty state every sequence without a prefix (suffix) part points to
     prefix_state[prefix_state < 0] = empty
     suffix_state[suffix_state < 0] = empty
-    return CpuDecodePlan(B, block_size, passes, prefix_state, suffix_state, num_prefix_groups, list(seq_lens))
+    return CpuDecodePlan(B, block_size, passes, prefix_state, suffix_state, num_prefix_groups, list(seq_lens),
+                         empty + 1, workspace if workspace is not None else Workspace())
 
 
 def cpu_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: CpuDecodePlan,
@@ -189,45 +217,83 @@ def cpu_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     gqa = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ws = plan.workspace
     # Scaled queries plus a zero row for padded members: [B + 1, Hkv, G, D].
-    qs = torch.zeros(B + 1, Hkv, gqa, D, dtype=work)
-    qs[:B] = q.reshape(B, Hkv, gqa, D)                                      # exact upcast
-    qs.mul_(scale)
+    qs = ws.get("q", (B + 1, Hkv, gqa, D), work)
+    qs[:B].copy_(q.reshape(B, Hkv, gqa, D)).mul_(scale)                     # exact upcast, then scale
+    qs[B].zero_()
     k_rows = k_cache.view(-1, Hkv, D)                                       # [num_slots, Hkv, D]
     v_rows = v_cache.view(-1, Hkv, D)
-    outs, lses = [], []
+    # Every pass writes its (item, member) states into one table; the last row is the empty state.
+    all_o = ws.get("all_o", (plan.num_states, Hq, D), work)                 # [S + 1, Hq, D]
+    all_lse = ws.get("all_lse", (plan.num_states, Hq), work)                # [S + 1, Hq]
+    all_o[-1].zero_()
+    all_lse[-1].fill_(float("-inf"))
+    state = 0
     for p in plan.passes:
         N, M, L = p.num_items, p.members, p.length
+        o, lse = all_o[state:state + N * M], all_lse[state:state + N * M]
+        state += N * M
+        if Hkv <= ALL_HEADS_MAX_KV_HEADS:
+            _pass_all_heads(qs, k_rows, v_rows, p, ws, o, lse)
+            continue
         rows = qs.index_select(0, p.rows).view(N, M, Hkv, gqa, D)          # [N, M, Hkv, G, D]
-        o = torch.empty(N, M, Hkv, gqa, D, dtype=work)
-        lse = torch.empty(N, M, Hkv, gqa, dtype=work)
+        o5, lse4 = o.view(N, M, Hkv, gqa, D), lse.view(N, M, Hkv, gqa)
+        o_h = torch.empty(N, M * gqa, D, dtype=work)
         for h in range(Hkv):
             qh = rows[:, :, h].reshape(N, M * gqa, D)                       # [N, M*G, D]
             k = k_rows[:, h].index_select(0, p.slots).view(N, L, D).to(work)  # [N, L, D]
             s = torch.baddbmm(p.bias.to(work), qh, k.transpose(1, 2))       # [N, M*G, L]
             m = s.amax(-1, keepdim=True)                                     # finite: >= 1 real key
-            s.sub_(m).exp_()
-            total = s.sum(-1, keepdim=True)                                  # [N, M*G, 1], >= 1
+            # torch.softmax, not exp: ATen's fused softmax is several times faster than exp_ on rows
+            # holding -inf. Its largest probability is exp(m - m) / sum = 1 / sum (one rounding), so
+            # lse = m + log(sum) = m - log(max_j p_j), well conditioned since max_j p_j >= 1 / L.
+            prob = torch.softmax(s, -1)
             v = v_rows[:, h].index_select(0, p.slots).view(N, L, D).to(work)
-            oh = torch.bmm(s, v).div_(total)                                 # [N, M*G, D]
-            o[:, :, h] = oh.view(N, M, gqa, D)
-            lse[:, :, h] = (m + total.log()).view(N, M, gqa)
-        outs.append(o.view(N * M, Hq, D))
-        lses.append(lse.view(N * M, Hq))
-    outs.append(torch.zeros(1, Hq, D, dtype=work))                           # the empty state
-    lses.append(torch.full((1, Hq), float("-inf"), dtype=work))
-    all_o, all_lse = torch.cat(outs), torch.cat(lses)                        # [S + 1, Hq, D], [S + 1, Hq]
-    o_a, o_b = all_o[plan.prefix_state], all_o[plan.suffix_state]            # [B, Hq, D]
+            torch.bmm(prob, v, out=o_h)                                      # [N, M*G, D]
+            o5[:, :, h] = o_h.view(N, M, gqa, D)
+            lse4[:, :, h] = (m - prob.amax(-1, keepdim=True).log_()).view(N, M, gqa)
+    o_a = torch.index_select(all_o, 0, plan.prefix_state, out=ws.get("o_a", (B, Hq, D), work))
+    o_b = torch.index_select(all_o, 0, plan.suffix_state, out=ws.get("o_b", (B, Hq, D), work))
     a, b = all_lse[plan.prefix_state], all_lse[plan.suffix_state]            # [B, Hq]
     # Log-sum-exp merge of the two states (module docstring); m = 0 when both are empty.
     m = torch.maximum(a, b)
     m = torch.where(torch.isneginf(m), 0.0, m)
     wa, wb = torch.exp(a - m), torch.exp(b - m)                              # 0 for an empty state
     total = wa + wb
-    merged = (wa[..., None] * o_a + wb[..., None] * o_b) / torch.where(total > 0, total, 1.0)[..., None]
+    inv = 1.0 / torch.where(total > 0, total, 1.0)
+    o_a.mul_((wa * inv)[..., None]).add_(o_b.mul_((wb * inv)[..., None]))
     lse = torch.where(total > 0, m + torch.log(total), float("-inf"))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype)
-    out.copy_(merged)
+    out.copy_(o_a)
     return (out, lse) if return_lse else out
 
+
+def _pass_all_heads(qs: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, p: CpuDecodePass,
+                    ws: Workspace, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """One pass with every KV head in one ``bmm``: ``qs [B + 1, Hkv, G, D]`` (scaled, the last row
+    zero), ``k_rows``/``v_rows [num_slots, Hkv, D]``; writes ``o [N*M, Hq, D]`` and ``lse [N*M, Hq]``.
+
+    Each slot's K row is gathered whole, ``[Hkv * D]``; query row (h, g) is laid out over those
+    ``Hkv * D`` columns with zeros outside head h's D (a block-diagonal ``[Hq, Hkv * D]`` per member),
+    so its dot with a key row is its dot with head h's key alone (the zeros add exact zeros). Likewise
+    ``P @ V`` gives every query row all heads' ``[Hkv, D]`` sums; its own head's block is the output.
+    """
+    _, Hkv, gqa, D = qs.shape
+    N, M, L = p.num_items, p.members, p.length
+    R, work = M * Hkv * gqa, qs.dtype                                          # query rows per item
+    rows = torch.index_select(qs, 0, p.rows, out=ws.get("rows", (N * M, Hkv, gqa, D), work))
+    qbd = ws.get("qbd", (N * M, Hkv, gqa, Hkv, D), work).zero_()
+    qbd.diagonal(dim1=1, dim2=3).copy_(rows.permute(0, 2, 3, 1))              # [N*M, G, D, Hkv] view
+    kv = ws.get("kv", (N * L, Hkv, D), k_rows.dtype)                         # K, then V, of the slots
+    torch.index_select(k_rows, 0, p.slots, out=kv)
+    s = torch.baddbmm(p.bias.to(work), qbd.view(N, R, Hkv * D), kv.view(N, L, Hkv * D).to(work).transpose(1, 2),
+                      out=ws.get("s", (N, R, L), work))                       # [N, R, L]
+    m = torch.amax(s, -1, keepdim=True, out=ws.get("m", (N, R, 1), work))
+    prob = torch.softmax(s, -1, out=ws.get("p", (N, R, L), work))            # see the per-head loop
+    torch.index_select(v_rows, 0, p.slots, out=kv)
+    res = torch.bmm(prob, kv.view(N, L, Hkv * D).to(work), out=ws.get("res", (N, R, Hkv * D), work))
+    o.view(N * M, Hkv, gqa, D).copy_(res.view(N * M, Hkv, gqa, Hkv, D).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2))
+    pmax = torch.amax(prob, -1, keepdim=True, out=ws.get("pmax", (N, R, 1), work))
+    torch.sub(m, pmax.log_(), out=lse.view(N, R, 1))

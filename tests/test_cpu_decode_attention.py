@@ -5,7 +5,7 @@ import torch
 
 from arkfast.kernels import cpu_decode_attention as cpu
 from arkfast.kernels.cascade_attention import cascade_decode_attention_reference
-from arkfast.kernels.cpu_decode_attention import cpu_decode_attention, plan_cpu_decode
+from arkfast.kernels.cpu_decode_attention import Workspace, cpu_decode_attention, plan_cpu_decode
 from kernel_testing import TOLERANCES, assert_close, dense_attention, poison_like
 from test_cascade_attention import MIXED, make_forest
 
@@ -19,6 +19,7 @@ CASES = [  # groups [(prefix_len, [suffix_len of each member])], Hq, Hkv, D, blo
     ([(16, [0, 1]), (1, [0, 15, 16])], 4, 1, 16, 16),                 # sequences that are only a prefix
     ([(48, [17, 1, 33, 96, 5]), (32, [1, 1, 1, 1, 1]), (16, [423])], 6, 2, 32, 16),  # debate-like, one long
     ([(0, [1]), (0, [17]), (0, [423])], 6, 2, 32, 16),               # no sharing at all: suffixes bucketed
+    (MIXED, 8, 4, 32, 16),                                            # Hkv 4: one gather and bmm per head
 ]
 
 
@@ -106,3 +107,18 @@ def test_plan_validates():
         plan_cpu_decode(tables, [20, 5], block_size=16, group_ids=[0, 0])
     with pytest.raises(ValueError, match="prefix_lens\\[0\\] = 16"):
         plan_cpu_decode(tables, [20, 5], block_size=16, group_ids=[0, 0], prefix_lens=[16])
+
+
+def test_workspace_reused_across_steps():
+    """One workspace through plans of growing and shrinking shapes (as the engine reuses it step after
+    step) gives what a fresh workspace gives, bit for bit."""
+    ws = Workspace()
+    for i, groups in enumerate([MIXED, [(48, [17, 1, 33, 96, 5])], MIXED, [(0, [1])], [(16, [423, 2])]]):
+        k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens, _, _ = make_forest(
+            groups, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32, seed=i)
+        q = torch.randn(len(group_ids), 6, 32, generator=torch.Generator().manual_seed(i))
+        kwargs = {"block_size": 16, "group_ids": group_ids, "prefix_lens": prefix_lens}
+        reused = cpu_decode_attention(q, k_cache, v_cache, plan_cpu_decode(tables, seq_lens.tolist(), workspace=ws,
+                                                                           **kwargs))
+        fresh = cpu_decode_attention(q, k_cache, v_cache, plan_cpu_decode(tables, seq_lens.tolist(), **kwargs))
+        assert torch.equal(reused, fresh)

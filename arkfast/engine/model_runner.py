@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from arkfast.kernels._dispatch import reference_forced, use_triton
-from arkfast.kernels.cpu_decode_attention import CpuDecodePlan, cpu_decode_attention, plan_cpu_decode
+from arkfast.kernels.cpu_decode_attention import CpuDecodePlan, Workspace, cpu_decode_attention, plan_cpu_decode
 from arkfast.kernels.decode_attention import DecodePlan, decode_attention, plan_decode
 from arkfast.kernels.paged_kv import allocate_kv_cache, write_kv_cache
 from arkfast.kernels.prefill_attention import prefill_attention
@@ -158,6 +158,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(cfg.num_layers, num_kv_blocks, config.block_size, cfg.num_kv_heads,
                                            cfg.head_dim, dtype, device)
         self.sampler = Sampler(device, seed)
+        self.cpu_workspace = Workspace()  # the CPU decode path's scratch, reused step after step
         self.num_cascade_steps = 0
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
@@ -198,8 +199,8 @@ class ModelRunner:
         padded = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)  # [B, W]
         groups = prefix_groups(tables, lens, self.block_size) if self.config.cascade != "off" else None
         if self._cpu_path():
-            return plan_cpu_decode(padded, lens, block_size=self.block_size,
-                                   group_ids=groups and groups[0], prefix_lens=groups and groups[1])
+            return plan_cpu_decode(padded, lens, block_size=self.block_size, group_ids=groups and groups[0],
+                                   prefix_lens=groups and groups[1], workspace=self.cpu_workspace)
         mode = _PLAN_MODES[self.config.cascade] if groups is not None else "plain"
         return plan_decode(padded, lens, group_ids=groups and groups[0], prefix_lens=groups and groups[1],
                            block_size=self.block_size, num_kv_heads=cfg.num_kv_heads,
