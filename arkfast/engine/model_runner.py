@@ -13,8 +13,11 @@ the attention context (:class:`PagedAttentionContext`, the decoder's attention s
 
 Cascade groups come from the block manager's physical blocks: decoding sequences whose block tables
 start with the same blocks share those tokens' K/V, so the plan can read them once for the group
-(:func:`prefix_groups`). On CPU every op runs its torch reference; on CUDA the Triton kernels, and pure
-decode steps replay CUDA graphs (:mod:`.cuda_graphs`) unless ``enforce_eager``.
+(:func:`prefix_groups`). On CPU every op runs its torch reference, except decode attention, which
+takes the CPU path of :mod:`arkfast.kernels.cpu_decode_attention` (each group's prefix gathered and
+multiplied once for all its members, scratch reused step after step); inside ``force_reference()`` it
+runs the reference too. On CUDA the Triton kernels run, and pure decode steps replay CUDA graphs
+(:mod:`.cuda_graphs`) unless ``enforce_eager``.
 """
 from __future__ import annotations
 
