@@ -12,9 +12,12 @@ prefix forest into a few *passes*, and every layer runs the same passes (:func:`
   group's prefix length, 0 without a group).
 
 Items of a pass are padded to its longest key range (masked); the plan buckets items by length so the
-padding stays under half a pass (:data:`PAD_FRACTION`). Per pass and KV head, the keys' flat slots
-(computed once in the plan) are gathered with one ``index_select`` into a contiguous ``[N, L, D]`` and
-the item's rows (members x the KV head's ``Hq / Hkv`` query heads) meet them in one ``bmm``. Each pass
+padding stays under half a pass (:data:`PAD_FRACTION`). Per pass, the keys' flat slots (computed once
+in the plan) are gathered with one ``index_select`` into a contiguous buffer and the item's query rows
+(members x query heads) meet them in one ``bmm``: all KV heads at once up to
+:data:`ALL_HEADS_MAX_KV_HEADS` (:func:`_pass_all_heads`), else one gather and ``bmm`` per KV head with
+its ``Hq / Hkv`` query heads as the rows. Large scratch comes from a :class:`Workspace` the engine
+keeps from step to step. Each pass
 yields a state ``(o, lse)`` per (item, member); a sequence's prefix and suffix states are merged by
 log-sum-exp (natural log, see :mod:`merge_states`): ``lse = log(e^a + e^b)``, ``o = (e^(a - lse) o_a +
 e^(b - lse) o_b)``, with an empty state (``lse = -inf``) weighing 0.
@@ -253,8 +256,13 @@ def cpu_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             torch.bmm(prob, v, out=o_h)                                      # [N, M*G, D]
             o5[:, :, h] = o_h.view(N, M, gqa, D)
             lse4[:, :, h] = (m - prob.amax(-1, keepdim=True).log_()).view(N, M, gqa)
-    o_a = torch.index_select(all_o, 0, plan.prefix_state, out=ws.get("o_a", (B, Hq, D), work))
     o_b = torch.index_select(all_o, 0, plan.suffix_state, out=ws.get("o_b", (B, Hq, D), work))
+    if plan.num_prefix_groups == 0:  # one state per sequence: nothing to merge
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        out.copy_(o_b)
+        return (out, all_lse[plan.suffix_state]) if return_lse else out
+    o_a = torch.index_select(all_o, 0, plan.prefix_state, out=ws.get("o_a", (B, Hq, D), work))
     a, b = all_lse[plan.prefix_state], all_lse[plan.suffix_state]            # [B, Hq]
     # Log-sum-exp merge of the two states (module docstring); m = 0 when both are empty.
     m = torch.maximum(a, b)
