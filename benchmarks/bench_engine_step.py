@@ -41,7 +41,8 @@ except ImportError:  # run as a script: python benchmarks/bench_engine_step.py
     import harness
 
 # python -m benchmarks: budgets and arguments per mode (see benchmarks/suite.py).
-SUITE = {"cpu": {"budget_s": 300, "args": ["--repeats", "3"]},
+SUITE = {"gpu": {"budget_s": 20, "args": ["--smoke"]},
+         "cpu": {"budget_s": 120, "args": ["--problems", "16", "--repeats", "2"]},
          "smoke": {"budget_s": 60}}
 # python -m benchmarks.report: how its records are read (see benchmarks/report.py).
 REPORT = {"key": ["workload", "problems", "agents", "output", "dtype"], "provider": "provider",
