@@ -12,6 +12,7 @@ references on CUDA tensors. Triton launches on the current CUDA device: with sev
 """
 from ._dispatch import force_reference, force_triton, use_triton
 from .cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
+from .cpu_decode_attention import cpu_decode_attention, plan_cpu_decode
 from .decode_attention import (
     DecodePlan,
     decode_attention,
@@ -39,10 +40,10 @@ from .swiglu import swiglu, swiglu_reference
 __all__ = [
     "DecodePlan", "FusedLinearWeightedCrossEntropy", "allocate_kv_cache", "apply_rope",
     "apply_rope_reference", "cascade_decode_attention", "cascade_decode_attention_reference",
-    "decode_attention", "force_reference", "force_triton", "fused_linear_weighted_cross_entropy",
+    "cpu_decode_attention", "decode_attention", "force_reference", "force_triton", "fused_linear_weighted_cross_entropy",
     "fused_linear_weighted_cross_entropy_reference", "gather_kv_reference", "merge_state",
     "merge_states", "merge_states_reference", "paged_decode_attention",
-    "paged_decode_attention_reference", "plan_decode", "prefill_attention",
+    "paged_decode_attention_reference", "plan_cpu_decode", "plan_decode", "prefill_attention",
     "prefill_attention_reference", "rms_norm", "rms_norm_reference", "rope_inv_freq", "swiglu",
     "swiglu_reference", "use_triton", "varlen_attention", "varlen_attention_reference",
     "write_kv_cache", "write_kv_cache_reference",

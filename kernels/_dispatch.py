@@ -40,6 +40,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda
 
 
+def reference_forced() -> bool:
+    """Whether :func:`force_reference` is in effect (callers with a faster path than the reference
+    keep to the reference inside it)."""
+    return _MODE.get() == "reference"
+
+
 @contextlib.contextmanager
 def _mode(value: str) -> Iterator[None]:
     token = _MODE.set(value)

@@ -357,3 +357,20 @@ def test_cuda_graphs_match_eager_bf16(checkpoints):
     assert cascade.stats["cascade_steps"] > 0
     # bf16: cascade merges partial softmaxes in another order; allow a late flip in a few sequences.
     assert sum(a == b for a, b in zip(got, eager)) >= len(prompts) - 2
+
+
+@pytest.mark.parametrize("cascade", ["on", "off"])
+def test_cpu_decode_path_matches_the_reference(checkpoints, cascade):
+    """On CPU the engine's decode attention takes the CPU path (a group's prefix read once, batched
+    matmuls); it gives the tokens the torch reference path gives, with caching and copy-on-write."""
+    from arkfast.kernels._dispatch import force_reference
+
+    path = checkpoints["llama"]
+    prompts = debate_prompts(seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with force_reference():
+        expected = token_ids(LLM(path, cascade=cascade, block_size=16).generate(prompts, params))
+    llm = LLM(path, cascade=cascade, block_size=16)
+    assert llm.runner._cpu_path()
+    assert token_ids(llm.generate(prompts, params)) == expected
+    assert (llm.stats["cascade_steps"] > 0) == (cascade == "on")

@@ -176,9 +176,19 @@ class BlockManager:
         set ``num_computed_tokens`` to the matched length. Blocks that become full are entered in the
         prefix cache right away: the step that computes them runs before anyone else can read them, and
         within the step every layer writes all new K/V before any attention reads the cache."""
+        bs = self.block_size
+        start = seq.num_computed_tokens
+        if match is None and num_new_tokens == 1 and start % bs and start < seq.num_tokens:
+            # A decode token inside the sequence's last block, the call every decoding sequence makes
+            # every step: no new block, and no copy when the block is its own and not cached (what
+            # blocks_needed and the general path below would conclude, checked directly).
+            index = start // bs
+            block = self.blocks[seq.block_table[index]] if len(seq.block_table) == index + 1 else None
+            if block is not None and block.ref_count == 1 and block.hash is None:
+                self._write(seq, index, start + 1)
+                return
         if not self.can_allocate(seq, num_new_tokens, match):
             raise RuntimeError(f"not enough free KV blocks for {num_new_tokens} tokens of {seq.request_id}")
-        bs = self.block_size
         if match is not None:
             for block_id in match.blocks:
                 self._take(block_id)
