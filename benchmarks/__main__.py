@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU, tiny shapes, seconds: checks that every step runs (records are marked smoke)")
     mode.add_argument("--cpu", action="store_true",
                       help="the CPU figures even where a CUDA device is present")
+    mode.add_argument("--gpu", action="store_true",
+                      help="the GPU plan: with --plan it prints on any machine; running it needs CUDA "
+                           "(default where a CUDA device is present)")
     parser.add_argument("--results", type=Path, default=None,
                         help="folder for the records, summary.json, logs and the report (default "
                              "benchmarks/results; runs/bench-smoke-<UTC time>/ with --smoke)")
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # after --help, which must not wait for it
 
     cuda = torch.cuda.is_available()
-    mode = "smoke" if args.smoke else "cpu" if args.cpu or not cuda else "gpu"
+    mode = "smoke" if args.smoke else "gpu" if args.gpu else "cpu" if args.cpu or not cuda else "gpu"
+    if mode == "gpu" and not cuda and not args.plan:
+        parser.error("--gpu needs a CUDA device (torch.cuda.is_available() is False); --gpu --plan prints its plan")
     if args.results is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         args.results = Path("runs") / f"bench-smoke-{stamp}" if mode == "smoke" else suite.BENCH_DIR / "results"
