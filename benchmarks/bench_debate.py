@@ -218,15 +218,7 @@ def run_hf(model, workloads, args) -> dict:
     kwargs = {"max_new_tokens": args.output, "min_new_tokens": args.output, "do_sample": False, "pad_token_id": 0}
 
     def batch_generate(prompts):
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device), **kwargs)
-        return out[:, width:].tolist()
+        return harness.hf_generate_batch(model, prompts, args.device, **kwargs).tolist()
 
     def one_pass(workload):
         _sync(args.device)

@@ -132,16 +132,8 @@ def arkfast_round(llm: LLM, prompts: list[list[int]], output: int) -> int:
 
 
 def hf_round(model, prompts: list[list[int]], output: int, device: torch.device, pad: int) -> int:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=output,
-                             min_new_tokens=output, do_sample=False, pad_token_id=pad)
-    return out[:, width:].numel()
+    return harness.hf_generate_batch(model, prompts, device, pad=pad, max_new_tokens=output,
+                                     min_new_tokens=output, do_sample=False, pad_token_id=pad).numel()
 
 
 def _stats(seconds: list[float], tokens: int) -> dict:

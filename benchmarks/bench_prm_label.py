@@ -112,15 +112,7 @@ def hf_pass(model, workload, args) -> tuple[float, int]:
     generated = 0
     for prefixes in workload:
         prompts = [p for p in prefixes for _ in range(args.k)]
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device), **kwargs)
-        generated += out[:, width:].numel()
+        generated += harness.hf_generate_batch(model, prompts, args.device, **kwargs).numel()
     _sync(args.device)
     return time.perf_counter() - t0, generated
 

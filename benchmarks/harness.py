@@ -216,6 +216,21 @@ def bandwidth_fields(nbytes: float, median_ms: float, copy_gbps: float | None) -
             "copy_gbps": copy_gbps}
 
 
+def hf_generate_batch(model: Any, prompts: Sequence[Sequence[int]], device: torch.device | str, *,
+                      pad: int = 0, **generate_kwargs: Any) -> torch.Tensor:
+    """The transformers baseline of the engine benchmarks: ``model.generate`` on ``prompts`` as one
+    left-padded batch (``pad`` ids, attention mask 0 there). Returns the generated ids ``[B, new]``."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, W]
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **generate_kwargs)
+    return out[:, width:]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"

@@ -78,6 +78,20 @@ def hf_float64_rtol(num_layers: int, hidden_size: int, max_len: int) -> float:
     return ((2 * num_layers + 1) * (hidden_size + 2) + num_layers * (max_len + 2)) * U32
 
 
+def poison_other_prefix_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size):
+    """NaN into every group member's copy of a partial last prefix block but the first member's: the
+    shared prefix must be read through the first member's block-table row, as decode plans promise.
+    ``tables [B, W]`` block tables, ``group_ids [B]``, ``prefix_lens [G]`` tokens."""
+    seen = set()
+    for b, g in enumerate(group_ids):
+        prefix = prefix_lens[g]
+        if g in seen and prefix % block_size:
+            block = tables[b, prefix // block_size].item()
+            for cache in (k_cache, v_cache):
+                cache[block, :prefix % block_size] = float("nan")
+        seen.add(g)
+
+
 def dense_attention(q, keys, values, scale=None):
     """Float64 attention of ``q [B, Hq, D]`` over dense per-sequence K/V → (out, lse natural log): the
     decode tests' oracle."""

@@ -12,6 +12,7 @@ from kernel_testing import (
     assert_int64_offsets,
     dense_attention,
     poison_like,
+    poison_other_prefix_copies,
 )
 
 # Numerically sensitive: CI also runs these under other ATen CPU capabilities (.ci/run).
@@ -121,14 +122,7 @@ def test_reference_matches_dense_oracle(monkeypatch, chunk, dtype, groups, Hq, H
     if chunk is not None:
         budget = chunk * int(seq_lens.max()) * Hkv * D * 8   # fp32 K and V of `chunk` longest sequences
         monkeypatch.setattr(cascade_attention, "REFERENCE_GATHER_BYTES", budget)
-    seen = set()
-    for b, g in enumerate(group_ids):
-        prefix = prefix_lens[g]
-        if g in seen and prefix % block_size:
-            block = tables[b, prefix // block_size].item()
-            for cache in (k_cache, v_cache):
-                cache[block, :prefix % block_size] = float("nan")
-        seen.add(g)
+    poison_other_prefix_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size)
     q = torch.randn(len(group_ids), Hq, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     got, lse = cascade_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, group_ids,
                                                   prefix_lens, return_lse=True)

@@ -2,11 +2,16 @@
 attention over each sequence's dense K/V, and against the torch reference of cascade decode."""
 import pytest
 import torch
+from test_cascade_attention import MIXED, make_forest
 
 from arkfast.kernels.cascade_attention import cascade_decode_attention_reference
-from arkfast.kernels.cpu_decode_attention import PAD_FRACTION, Workspace, cpu_decode_attention, plan_cpu_decode
-from kernel_testing import TOLERANCES, assert_close, dense_attention, poison_like
-from test_cascade_attention import MIXED, make_forest
+from arkfast.kernels.cpu_decode_attention import (
+    PAD_FRACTION,
+    Workspace,
+    cpu_decode_attention,
+    plan_cpu_decode,
+)
+from kernel_testing import TOLERANCES, assert_close, dense_attention, poison_like, poison_other_prefix_copies
 
 # Numerically sensitive: CI also runs these under other ATen CPU capabilities (.ci/run).
 pytestmark = pytest.mark.numerics
@@ -22,17 +27,6 @@ CASES = [  # groups [(prefix_len, [suffix_len of each member])], Hq, Hkv, D, blo
 ]
 
 
-def _poison_other_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size):
-    """NaN into every member's copy of a partial last prefix block but the first member's: the prefix
-    must be read through the first member's row, as the plan's contract says."""
-    seen = set()
-    for b, g in enumerate(group_ids):
-        prefix = prefix_lens[g]
-        if g in seen and prefix % block_size:
-            block = tables[b, prefix // block_size].item()
-            for cache in (k_cache, v_cache):
-                cache[block, :prefix % block_size] = float("nan")
-        seen.add(g)
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["groups", "no_groups"])
@@ -43,7 +37,7 @@ def test_matches_dense_oracle(dtype, grouped, groups, Hq, Hkv, D, block_size):
     k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens, keys, values = make_forest(
         groups, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)
     if grouped:
-        _poison_other_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size)
+        poison_other_prefix_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size)
     q = torch.randn(len(group_ids), Hq, D, generator=torch.Generator().manual_seed(seed + 1),
                     dtype=torch.float64).to(dtype)
     plan = plan_cpu_decode(tables, seq_lens.tolist(), block_size=block_size,
