@@ -338,6 +338,36 @@ def test_contrastive_projection_head_trains(tok):
                   PRMTrainConfig(steps=1, contrastive_weight=0.5), log=None)
 
 
+def test_a_stopped_run_resumed_continues_the_same_loss_curve(tmp_path, tok):
+    # The uninterrupted run and one stopped after 4 of 7 steps (saved at 2 and at the stop), then resumed
+    # in a fresh PRM: the same rows in the same order through the same optimiser state, so on one CPU
+    # the same floating-point operations in the same order, bit for bit.
+    rows = pack_step_rows(_exact_examples(tok, _records(tok, 10, seed=8)), 300)
+    assert len(rows) >= 3  # an epoch ends inside the run: the row order's generator state is resumed too
+    kw = dict(steps=7, batch_rows=2, lr=3e-3, log_every=1, save_every=2, seed=1, contrastive_weight=0.3)
+    whole = ProcessRewardModel(load_prm_backbone(), PRMConfig(projection_dim=4), seed=0)
+    full = train_prm(whole, rows, PRMTrainConfig(**kw, output_dir=str(tmp_path / "a")), log=None, data={"x": 1})
+    part = ProcessRewardModel(load_prm_backbone(), PRMConfig(projection_dim=4), seed=0)
+    train_prm(part, rows, PRMTrainConfig(**kw, output_dir=str(tmp_path / "b"), stop_after=4), log=None,
+              data={"x": 1})
+    assert json.loads((tmp_path / "b" / "trainer_state.json").read_text())["step"] == 4
+    fresh = ProcessRewardModel(load_prm_backbone(), PRMConfig(projection_dim=4), seed=5)
+    rest = train_prm(fresh, rows, PRMTrainConfig(**kw, output_dir=str(tmp_path / "b")), log=None, resume=True,
+                     data={"x": 1})
+    keys = ("step", "bce", "contrastive", "lr", "grad_norm", "tokens")
+    assert [[m[k] for k in keys] for m in rest.metrics] == [[m[k] for k in keys] for m in full.metrics]
+    for (name, a), (_, b) in zip(whole.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="trained with lr=0.003, now lr=0.001"):
+        train_prm(fresh, rows, PRMTrainConfig(**{**kw, "lr": 1e-3}, output_dir=str(tmp_path / "b")), log=None,
+                  resume=True, data={"x": 1})
+    with pytest.raises(ValueError, match="trained with x=1, now x=2"):
+        train_prm(fresh, rows, PRMTrainConfig(**kw, output_dir=str(tmp_path / "b")), log=None, resume=True,
+                  data={"x": 2})
+    with pytest.raises(ValueError, match="no trainer state"):
+        train_prm(fresh, rows, PRMTrainConfig(**kw, output_dir=str(tmp_path / "c")), log=None, resume=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # the CLI: files, resume, scores, one-line errors
 # ------------------------------------------------------------------------------------------------
@@ -383,6 +413,28 @@ def test_score_writes_step_and_trajectory_scores(tmp_path, tok):
         assert r["score_min"] == min(r["step_scores"])
         assert r["score_prod"] == pytest.approx(math.prod(r["step_scores"]), rel=1e-12)
         assert r["response"] == records[scored.index(r)]["response"]
+
+
+def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
+    traj = tmp_path / "pad.jsonl"
+    write_trajectories(traj, _records(tok, 6, seed=9))
+    labels = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
+    args = ("train", "--labels", labels, "--output", tmp_path / "m", "--steps", 4, "--save-every", 2,
+            "--eval-every", 0, "--row-tokens", 256, "--val-fraction", 0.2)
+    _cli(*args)
+    state = json.loads((tmp_path / "m" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["finished"] and state["data"]["labels_sha256"].startswith("sha256:")
+    weights = {k: v.clone() for k, v in load_prm(tmp_path / "m").state_dict().items()}
+    (tmp_path / "m" / "trainer_state.json").write_text(json.dumps({**state, "finished": False}))  # as if killed
+    with pytest.raises(ValueError, match="stopped at step 4; pass --resume"):
+        _cli(*args)
+    _cli(*args, "--resume")  # nothing left to do: the saved weights stay as they were
+    assert all(torch.equal(v, weights[k]) for k, v in load_prm(tmp_path / "m").state_dict().items())
+    with open(labels, "a") as f:
+        f.write(labels.read_text().splitlines()[0].replace('"id": "', '"id": "extra-') + "\n")
+    with pytest.raises(ValueError, match="trained with labels_sha256="):
+        _cli(*args, "--resume")
 
 
 def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=_POSITIVE, metavar="N", default=25, help="log a line every N steps (default: %(default)s)")
     t.add_argument("--time-limit", type=_POSITIVE_FLOAT, metavar="S", default=None,
                    help="stop (and save) after S seconds of training (default: none)")
+    t.add_argument("--save-every", type=_NON_NEGATIVE, metavar="N", default=50,
+                   help="save the PRM and its trainer state every N steps, 0: only at the end (default: %(default)s)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --output (same settings and labels): the same loss curve "
+                        "as a run never stopped")
     t.add_argument("--seed", type=int, metavar="S", default=0,
                    help="seed of the head initialisation, the held-out split and the row order (default: %(default)s)")
     t.add_argument("--threads", type=_POSITIVE, metavar="N", default=None, help="torch CPU threads (default: torch's)")

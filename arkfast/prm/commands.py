@@ -188,6 +188,16 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # train
 # ------------------------------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def _split_by_problem(records: list[dict[str, Any]], fraction: float, seed: int):
     """``(train, held_out)``: whole problems go to the held-out side, a seeded ``fraction`` of them."""
     problems = sorted({r["problem_id"] for r in records})
@@ -209,7 +219,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .files import read_labels
     from .metrics import step_auroc
     from .model import PRMConfig, ProcessRewardModel
-    from .training import PRMTrainConfig, evaluate_rows, train_prm
+    from .training import PRMTrainConfig, evaluate_rows, read_trainer_state, train_prm
 
     paths = default_paths()
     labels_path = Path(args.labels or paths["labels"])
@@ -220,6 +230,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         prm_main(["label"])
     base = Path(args.base_model or default_model_path())
     out = Path(args.output or paths["model"])
+    previous = read_trainer_state(out)
+    if previous is not None and not previous.get("finished", True) and not args.resume:
+        raise ValueError(f"{out} holds a PRM run stopped at step {previous['step']}; pass --resume to continue it, "
+                         f"or another --output")
     tokenizer = _load_tokenizer(base)
     records = read_labels(labels_path, tokenizer=tokenizer)
     train_records, held_records = _split_by_problem(records, args.val_fraction, args.seed)
@@ -233,16 +247,20 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                          contrastive_weight=args.contrastive_weight,
                          contrastive_temperature=args.contrastive_temperature, output_dir=str(out),
                          num_threads=args.threads, device=args.device or "cpu", time_limit_s=args.time_limit,
-                         eval_every=args.eval_every, log_every=args.log_every)
+                         eval_every=args.eval_every, log_every=args.log_every, save_every=args.save_every)
+    data = {"labels_sha256": _file_digest(labels_path), "val_fraction": args.val_fraction,
+            "row_tokens": row_tokens, "projection_dim": args.projection_dim, "base_model": str(base.resolve())}
     sources = sorted({r["label_source"] for r in records})
     config = PRMConfig(projection_dim=args.projection_dim, tokenizer=tokenizer_fingerprint(tokenizer),
                        base_model=str(base), label_source=",".join(sources),
                        step_mode=default_step_mode(records[0]["task"]))
     prm = ProcessRewardModel(load_model(base, device=cfg.device), config, seed=args.seed)
     before = evaluate_rows(prm, held_rows, cfg.device) if held_rows else None
-    bar = tqdm(total=cfg.steps, unit="step", desc="train prm", dynamic_ncols=True)
+    resume = bool(args.resume and previous is not None)
+    bar = tqdm(total=cfg.steps, initial=previous["step"] if resume else 0, unit="step", desc="train prm",
+               dynamic_ncols=True)
     result = train_prm(prm, train_rows, cfg, held_rows, tokenizer=tokenizer, log=bar.write,
-                       progress=lambda: bar.update(1))
+                       progress=lambda: bar.update(1), resume=resume, data=data)
     bar.close()
     held_auroc = None
     if held_examples:

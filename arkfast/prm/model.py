@@ -113,9 +113,10 @@ class ProcessRewardModel(nn.Module):
 
 
 def save_prm(prm: ProcessRewardModel, path: str | Path, *, tokenizer=None,
-             extra_files: dict[str, str] | None = None) -> Path:
+             extra_files: dict[str, str] | None = None, write_extra=None) -> Path:
     """Write ``prm`` to the folder ``path`` atomically (see the module docstring); returns ``path``.
-    ``extra_files``: more text files for the folder (name → text, e.g. ``metrics.jsonl``).
+    ``extra_files``: more text files for the folder (name → text, e.g. ``metrics.jsonl``);
+    ``write_extra(folder)`` may add more files (a trainer state) before the folder is swapped in.
 
     The folder is built inside a temporary directory beside ``path`` (the backbone by
     :func:`arkfast.train.save_checkpoint`, then the head and the config) and renamed into place; an
@@ -132,6 +133,8 @@ def save_prm(prm: ProcessRewardModel, path: str | Path, *, tokenizer=None,
                                 extra_files={**(extra_files or {}), PRM_CONFIG_FILE: config_text})
         save_file({k: v.detach().to("cpu").contiguous() for k, v in prm.head_state().items()},
                   str(stage / HEAD_FILE), metadata={"format": "pt"})
+        if write_extra is not None:
+            write_extra(stage)
         for file in stage.iterdir():  # save_checkpoint's files are closed; make them durable
             with open(file, "rb") as f:
                 os.fsync(f.fileno())

@@ -18,6 +18,13 @@ computed within each packed row (rows run forward and backward one at a time, as
 on the host from the labels before the step, so the accumulated gradient is exactly that of one batch.
 The projection head is a parameter of the PRM, so it is in the optimiser and trains (AgentArk's public
 code builds its projector outside the optimiser, so its contrastive term never trains anything).
+
+Every save (each ``save_every`` steps, at a time limit and at the end) writes the PRM folder with
+``trainer_state.pt`` (optimiser moments, the row-order generator and the rest of the epoch's order,
+the logged metrics) and ``trainer_state.json`` (the step and the settings that shape the loss curve).
+``train_prm(..., resume=True)`` continues from it: the resumed run takes the same rows in the same
+order with the same optimiser state, so its loss curve and final weights are those of the run that was
+never stopped.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +42,14 @@ from arkfast.train import TrainConfig, learning_rate
 from .data import StepRow
 from .model import ProcessRewardModel, save_prm
 
-__all__ = ["PRMTrainConfig", "PRMTrainResult", "evaluate_rows", "row_losses", "supcon_sum", "train_prm"]
+__all__ = ["PRMTrainConfig", "PRMTrainResult", "evaluate_rows", "read_trainer_state", "row_losses",
+           "supcon_sum", "train_prm"]
+
+STATE_PT = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+# Settings whose change alters the loss curve: a resumed run must use the same ones.
+CURVE_KEYS = ("steps", "batch_rows", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "eps",
+              "grad_clip", "seed", "contrastive_weight", "contrastive_temperature", "device")
 
 
 @dataclasses.dataclass
@@ -116,11 +131,33 @@ class PRMTrainResult:
     seconds: float
 
 
+def _curve(cfg: PRMTrainConfig, data: dict | None) -> dict:
+    settings = {k: getattr(cfg, k) for k in CURVE_KEYS}
+    settings["betas"] = list(settings["betas"])
+    return {"settings": settings, "data": data or {}}
+
+
+def read_trainer_state(output: str | Path) -> dict | None:
+    """The ``trainer_state.json`` of the PRM folder ``output`` (step, finished, settings, data), or
+    None when there is none. ``ValueError`` naming the file when it is unreadable."""
+    path = Path(output) / STATE_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg}); delete {Path(output)} to start over") from None
+
+
 def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainConfig,
               eval_rows: Sequence[StepRow] = (), *, tokenizer=None,
-              log: Callable[[str], None] | None = print, progress=None) -> PRMTrainResult:
+              log: Callable[[str], None] | None = print, progress=None, resume: bool = False,
+              data: dict | None = None) -> PRMTrainResult:
     """Train ``prm`` in place (module docstring); saves to ``cfg.output_dir`` (:func:`save_prm`, with
-    ``metrics.jsonl``) every ``save_every`` steps and at the end. ``progress``: called once per step."""
+    ``metrics.jsonl`` and the trainer state) every ``save_every`` steps and at the end. ``progress``:
+    called once per step taken. ``resume``: continue the run saved in ``cfg.output_dir`` (its weights
+    replace ``prm``'s); ``ValueError`` when its settings or ``data`` (a fingerprint of the training
+    set, recorded with the state) differ from this call's."""
     if not rows:
         raise ValueError("no training rows")
     contrastive = cfg.contrastive_weight > 0
@@ -142,13 +179,30 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
     tokens = 0
     last = cfg.stop_after or cfg.steps
 
-    def save() -> None:
-        if cfg.output_dir is not None:
-            save_prm(prm, cfg.output_dir, tokenizer=tokenizer,
-                     extra_files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
+    curve = _curve(cfg, data)
+    first = 0
+    seconds_before = 0.0
+    if resume:
+        first, order, seconds_before, tokens = _restore(prm, opt, gen, metrics, evals, cfg, curve, device)
+        log(f"resumed from step {first} of {cfg.steps} ({cfg.output_dir})")
+    tokens_before = tokens
 
-    step = 0
-    for step in range(last):
+    def save(done: int) -> None:
+        if cfg.output_dir is None:
+            return
+        seconds = seconds_before + time.perf_counter() - start
+        meta = {"step": done, "finished": done == cfg.steps, "seconds": seconds, "tokens": tokens, **curve}
+
+        def write_state(folder: Path) -> None:
+            torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "order": list(order),
+                        "metrics": metrics, "evals": evals}, folder / STATE_PT)
+            (folder / STATE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+        save_prm(prm, cfg.output_dir, tokenizer=tokenizer, write_extra=write_state,
+                 extra_files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
+
+    step = first - 1
+    for step in range(first, last):
         batch = []
         for _ in range(cfg.batch_rows):
             if not order:  # a fresh seeded permutation of the rows per epoch
@@ -181,19 +235,52 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
             bce_v, con_v = float(bce_total), float(con_total)
             metrics.append({"step": done, "loss": bce_v + cfg.contrastive_weight * con_v, "bce": bce_v,
                             "contrastive": con_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                            "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0})
+                            "tokens_per_second": (tokens - tokens_before) / elapsed if elapsed > 0 else 0.0})
             log(f"step {done}/{last}  bce {bce_v:.4f}  contrastive {con_v:.4f}  lr {lr:.2e}  {elapsed:.0f}s")
         if eval_rows and cfg.eval_every and done % cfg.eval_every == 0 and done != last:
             evals.append((done, evaluate_rows(prm, eval_rows, device)))
             log(f"step {done}: held-out bce {evals[-1][1]:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done != last:
-            save()
+            save(done)
         if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
             log(f"step {done}: time limit of {cfg.time_limit_s:.0f}s reached, stopping")
             break
-    steps_done = step + 1
-    if eval_rows:
+    steps_done = max(step + 1, first)
+    if eval_rows and (not evals or evals[-1][0] != steps_done):
         evals.append((steps_done, evaluate_rows(prm, eval_rows, device)))
         log(f"step {steps_done}: held-out bce {evals[-1][1]:.4f}")
-    save()
-    return PRMTrainResult(metrics=metrics, evals=evals, steps=steps_done, seconds=time.perf_counter() - start)
+    save(steps_done)
+    return PRMTrainResult(metrics=metrics, evals=evals, steps=steps_done,
+                          seconds=seconds_before + time.perf_counter() - start)
+
+
+def _restore(prm, opt, gen, metrics, evals, cfg, curve, device) -> tuple[int, list[int], float, int]:
+    """Load the run saved in ``cfg.output_dir`` into ``prm``, ``opt``, ``gen``, ``metrics`` and
+    ``evals``; returns ``(step, rest of the epoch's order, seconds so far, tokens so far)``."""
+    from .model import load_prm
+
+    if cfg.output_dir is None:
+        raise ValueError("resume needs an output folder")
+    folder = Path(cfg.output_dir)
+    meta = read_trainer_state(folder)
+    if meta is None or not (folder / STATE_PT).is_file():
+        raise ValueError(f"--resume: {folder} holds no trainer state ({STATE_JSON}, {STATE_PT}); "
+                         f"train without --resume to start a run there")
+    for part in ("settings", "data"):
+        saved, now = meta.get(part, {}), curve[part]
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            k = diff[0]
+            raise ValueError(f"--resume: {folder} was trained with {k}={saved.get(k)!r}, now {k}={now.get(k)!r}; "
+                             f"use the same settings and labels, or another --output")
+    saved = load_prm(folder, device=device)
+    with torch.no_grad():
+        for name, p in prm.named_parameters():
+            p.copy_(dict(saved.named_parameters())[name])
+    state = torch.load(folder / STATE_PT, map_location=device, weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    metrics.extend(state["metrics"])
+    evals.extend(tuple(e) for e in state["evals"])
+    prm.train()
+    return int(meta["step"]), list(state["order"]), float(meta["seconds"]), int(meta["tokens"])
