@@ -3,7 +3,8 @@
 Kernels run on CPU tensors through the Triton interpreter, which Triton reads when ``triton`` is first
 imported; so it is switched on here, before anything imports triton. Ops still run their torch
 references on CPU unless a test enters :func:`arkfast.kernels._dispatch.force_triton` (the ``triton_interp``
-fixture).
+fixture). Every interpreted load and store is bounds-checked against the tensors of its launch
+(``interpreter_bounds.py``): on CPU tensors a stray store would corrupt the heap silently.
 """
 import os
 
@@ -13,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] == "1":
+    from interpreter_bounds import install as _install_bounds_check  # noqa: E402
+
+    _install_bounds_check()  # every interpreted load and store must fall inside a tensor of its launch
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ configuration a launcher can choose is also compiled here for ``GPUTarget("cuda"
 gives the PTX (to read for ``wgmma`` and vector loads), the cubin and the block's shared-memory use.
 
 Each kernel module lists its configurations in a function ``aot_specs() -> list[KernelSpec]``.
-``python -m arkfast.kernels [MODULE ...]`` (``kernels/__main__.py``) compiles them all and prints one
+``python -m arkfast.kernels [MODULE ...]`` (``arkfast/kernels/__main__.py``) compiles them all and prints one
 JSON line per configuration; the tests run it in a subprocess without ``TRITON_INTERPRET`` (under the
 interpreter ``@triton.jit`` returns objects the compiler cannot take).
 """
