@@ -9,8 +9,10 @@ references on CUDA tensors. Triton launches on the current CUDA device: with sev
     from arkfast.kernels import fused_linear_weighted_cross_entropy
     loss = fused_linear_weighted_cross_entropy(hidden, lm_head.weight, labels, step_weights)
 
-The training ops (RMSNorm, RoPE, SwiGLU, varlen attention, the fused loss) launch their kernels as
-``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` keeps each as one node.
+A loaded transformers Llama / Qwen2 / Qwen3 / Mistral model takes them all at once, undoably:
+``patch_hf_model(model)`` / ``unpatch_hf_model(model)`` (:mod:`arkfast.kernels.hf_patch`). Every
+training op launches its kernel as a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)``
+keeps each as one node.
 """
 # This folder is installed as ``arkfast.kernels``. Run from the repository root (``python -m pytest``
 # puts the working directory on sys.path) it is also importable as a top-level ``kernels``: the name of
@@ -36,6 +38,7 @@ else:
         fused_linear_weighted_cross_entropy,
         fused_linear_weighted_cross_entropy_reference,
     )
+    from .hf_patch import SUPPORTED_MODEL_TYPES, patch_hf_model, unpatch_hf_model
     from .merge_states import merge_state, merge_states, merge_states_reference
     from .paged_kv import allocate_kv_cache, gather_kv_reference, write_kv_cache, write_kv_cache_reference
     from .prefill_attention import (
