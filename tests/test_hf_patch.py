@@ -238,3 +238,29 @@ def test_unsupported_architecture_is_named():
     with pytest.raises(ValueError, match="dynamic"):
         patch_hf_model(_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                         "rope_theta": 10000.0}))
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_modules():
+    """A reference model made by copy.deepcopy (DPO, distillation) must run its own weights."""
+    import inspect
+
+    ref_model, model = _pair("qwen3")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    ids = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(10))
+    position_ids = torch.arange(8)[None]
+    expected, _ = _reference_loss(ref_model, ids, ids, position_ids=position_ids)
+    assert_close(model(input_ids=ids, labels=ids, position_ids=position_ids).loss, expected, torch.float64)
+    halved = copy.deepcopy(ref_model)
+    with torch.no_grad():
+        for p in halved.parameters():
+            p.mul_(0.5)
+    expected, _ = _reference_loss(halved, ids, ids, position_ids=position_ids)
+    assert_close(clone(input_ids=ids, labels=ids, position_ids=position_ids).loss, expected, torch.float64)
+    unpatch_hf_model(clone)
+    assert all("forward" not in m.__dict__ for m in clone.modules())
+    # Trainer keeps the dataset columns the forward names; generate checks its kwargs against it
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "labels", "position_ids", "token_weights"} <= set(params)
