@@ -150,7 +150,9 @@ def patch_hf_model(model: torch.nn.Module, *, rms_norm: bool = True, rope: bool 
     if varlen_attention:
         bind(body, _packing_forward)
     if fused_loss:
-        bind(model, _loss_forward, extra=("token_weights",), body=body, cache_fields=_cache_fields())
+        output_cls, cache_fields = _causal_lm_output()
+        bind(model, _loss_forward, extra=("token_weights",), body=body, output_cls=output_cls,
+             cache_fields=cache_fields)
     setattr(model, _PATCH_ATTR, saved)
     return model
 
@@ -265,19 +267,18 @@ def _packing_forward(self, refs, *args, **kwargs):
     return refs["previous"](*args, **kwargs)
 
 
-def _cache_fields() -> list[str]:
-    """The cache field of transformers' CausalLMOutputWithPast: "cache" in newer releases,
-    "past_key_values" before (read once at patch time: Dynamo cannot trace dataclasses.fields)."""
+def _causal_lm_output() -> tuple[type, list[str]]:
+    """transformers' CausalLMOutputWithPast and its cache field ("cache" in newer releases,
+    "past_key_values" before), read once at patch time: Dynamo cannot trace dataclasses.fields."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return [f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values")]
+    fields = [f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values")]
+    return CausalLMOutputWithPast, fields
 
 
 def _loss_forward(self, refs, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None,
                   shift_labels=None, token_weights=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
     """The causal LM's forward: with labels, the fused weighted loss on the decoder's hidden states."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     if args or (labels is None and shift_labels is None):
         if token_weights is not None:
             raise ValueError("token_weights need labels (or shift_labels) to weight")
@@ -309,5 +310,5 @@ def _loss_forward(self, refs, input_ids=None, attention_mask=None, position_ids=
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = head(hidden[:, keep, :])
     cache = {name: getattr(outputs, name, None) for name in refs["cache_fields"]}
-    return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions, **cache)
+    return refs["output_cls"](loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions, **cache)
