@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "write debates.jsonl (one record per problem) and summary.json.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face checkpoint folder (default: the embedded tiny model arkfast/zoo/tiny)")
+                   help="Hugging Face checkpoint folder, or a .gguf file or a folder holding one (default: "
+                        "the embedded tiny model arkfast/zoo/tiny)")
     g.add_argument("--dataset", metavar="PATH_OR_NAME", default=None,
                    help="local .json/.jsonl/.parquet file or folder, a datasets save_to_disk folder, a local "
                         "datasets cache folder, or a hub name 'owner/name[:config]' (default: the built-in "

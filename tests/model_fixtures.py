@@ -158,6 +158,7 @@ def build_tiny_gguf(checkpoint: str | Path, path: str | Path, name: str = "tiny-
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     writer.add_eos_token_id(EOS_ID)
     writer.add_pad_token_id(PAD_ID)
+    writer.add_chat_template(CHAT_TEMPLATE)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
