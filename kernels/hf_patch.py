@@ -85,8 +85,8 @@ class _Forward:
 
     def __deepcopy__(self, memo):
         # Modules and bound methods follow the copy; functions, flags and names are shared.
-        refs = {k: copy.deepcopy(v, memo) if isinstance(v, (torch.nn.Module, types.MethodType, _Forward)) else v
-                for k, v in self.refs.items()}
+        follow = (torch.nn.Module, types.MethodType, _Forward)
+        refs = {k: copy.deepcopy(v, memo) if isinstance(v, follow) else v for k, v in self.refs.items()}
         clone = _Forward.__new__(_Forward)
         clone.fn, clone.module, clone.refs = self.fn, copy.deepcopy(self.module, memo), refs
         clone.__signature__ = self.__signature__
@@ -122,8 +122,8 @@ def patch_hf_model(model: torch.nn.Module, *, rms_norm: bool = True, rope: bool 
         raise ValueError(f"{type(model).__name__} has no decoder with .layers and .rotary_emb to patch")
     head = getattr(model, "lm_head", None) if body is not model else None
     if fused_loss and head is None:
-        raise ValueError(f"fused_loss=True needs a causal LM with an lm_head; {type(model).__name__} has none "
-                         f"(patch the *ForCausalLM, or pass fused_loss=False)")
+        raise ValueError(f"fused_loss=True needs a causal LM with an lm_head; {type(model).__name__} has "
+                         f"none (patch the *ForCausalLM, or pass fused_loss=False)")
     if swiglu and config.hidden_act not in ("silu", "swish"):
         raise ValueError(f"swiglu=True needs hidden_act 'silu', got {config.hidden_act!r}")
     rope_type = _rope_type(config)
@@ -143,8 +143,8 @@ def patch_hf_model(model: torch.nn.Module, *, rms_norm: bool = True, rope: bool 
                 bind(module, _rms_norm_forward)
     for layer in body.layers:
         if rope or varlen_attention:
-            bind(layer.self_attn, _attention_forward, rotary=body.rotary_emb, model_type=model_type, rope=rope,
-                 varlen=varlen_attention, modeling=type(layer.self_attn).__module__)
+            bind(layer.self_attn, _attention_forward, rotary=body.rotary_emb, model_type=model_type,
+                 rope=rope, varlen=varlen_attention, modeling=type(layer.self_attn).__module__)
         if swiglu:
             bind(layer.mlp, _swiglu_forward)
     if varlen_attention:
@@ -191,7 +191,8 @@ def _swiglu_forward(self, refs, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(gate_up))  # [..., I] -> [..., H]
 
 
-def _attention_forward(self, refs, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+def _attention_forward(self, refs, hidden_states, position_embeddings=None, attention_mask=None, *args,
+                       **kwargs):
     """One transformers attention module: projections, (Qwen3) q/k norms, RoPE, then the packed varlen
     kernel or the model's configured attention."""
     modeling = sys.modules[refs["modeling"]]  # the model's own eager attention, rotate_half, registry
@@ -272,8 +273,8 @@ def _causal_lm_output() -> tuple[type, list[str]]:
     "past_key_values" before), read once at patch time: Dynamo cannot trace dataclasses.fields."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    fields = [f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values")]
-    return CausalLMOutputWithPast, fields
+    names = [f.name for f in dataclasses.fields(CausalLMOutputWithPast)]
+    return CausalLMOutputWithPast, [n for n in names if n in ("cache", "past_key_values")]
 
 
 def _loss_forward(self, refs, input_ids=None, attention_mask=None, position_ids=None, *args, labels=None,
@@ -287,7 +288,8 @@ def _loss_forward(self, refs, input_ids=None, attention_mask=None, position_ids=
         return refs["previous"](input_ids, attention_mask, position_ids, *args, labels=labels,
                                 logits_to_keep=logits_to_keep, **extra, **kwargs)
     kwargs.setdefault("use_cache", False)  # a loss needs no KV cache
-    outputs = refs["body"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    outputs = refs["body"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           **kwargs)
     hidden = outputs.last_hidden_state  # [B, S, H]
     if shift_labels is None:  # position t predicts label t + 1; the last position predicts nothing
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]

@@ -608,8 +608,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``cu_seqlens [B + 1]`` int32 → ``[T, Hq, D]`` in q's dtype. ``max_seqlen`` (the longest sequence)
     lets the kernel size its grid without reading ``cu_seqlens`` on the host (when it is None, it is
     computed with one host sync; under ``torch.compile`` pass it). Differentiable in q, k, v; the kernel
-    path is the custom op ``arkfast::varlen_attention`` with the Triton backward. ``causal=False``, a head dim over 128 or another dtype run the torch reference, also on
-    CUDA (see :func:`kernel_supports`). Rows of tokens past ``cu_seqlens[-1]`` are left unset.
+    path is the custom op ``arkfast::varlen_attention`` with the Triton backward. ``causal=False``, a
+    head dim over 128 or another dtype run the torch reference, also on CUDA (see
+    :func:`kernel_supports`). Rows of tokens past ``cu_seqlens[-1]`` are left unset.
 
     Example::
 

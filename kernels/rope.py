@@ -15,8 +15,8 @@ The outputs are new contiguous tensors.
 
 Backward: the rotation is orthogonal, so its gradient is the rotation by the negated angle; with the
 reference's roundings that is exactly the forward with sin negated (sin_scale = -s), see
-``_rope_backward``; the kernel is the custom op
-``arkfast::apply_rope``, one node under ``torch.compile``.
+``_rope_backward``. The kernel is the custom op ``arkfast::apply_rope``, one node under
+``torch.compile``.
 """
 from __future__ import annotations
 
