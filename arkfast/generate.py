@@ -49,16 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "write debates.jsonl (one record per problem) and summary.json.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face checkpoint folder (default: the embedded tiny model arkfast/zoo/tiny)")
+                   help="Hugging Face checkpoint folder, or a .gguf file or a folder holding one (default: "
+                        "the embedded tiny model arkfast/zoo/tiny)")
     g.add_argument("--dataset", metavar="PATH_OR_NAME", default=None,
-                   help="local .json/.jsonl/.parquet file or folder, or a hub name 'owner/name[:config]' "
-                        "(default: the built-in arith task)")
+                   help="local .json/.jsonl/.parquet file or folder, a datasets save_to_disk folder, a local "
+                        "datasets cache folder, or a hub name 'owner/name[:config]' (default: the built-in "
+                        "arith task)")
     g.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="dataset adapter (default: detected from the dataset's fields)")
     g.add_argument("--question-field", metavar="NAME", default=None, help="field holding the question (generic adapter)")
     g.add_argument("--answer-field", metavar="NAME", default=None, help="field holding the gold answer (generic adapter)")
     g.add_argument("--split", default=None,
-                   help="hub or arith split (default: test); a local file is one split and ignores it")
+                   help="split of a hub dataset, saved DatasetDict, cache or arith (default: test, or the only "
+                        "one); a local file is one split and ignores it")
     g.add_argument("--limit", type=NON_NEGATIVE_INT, metavar="N", default=None,
                    help="use only the first N problems (default: all)")
 

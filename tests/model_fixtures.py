@@ -113,3 +113,71 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
     return model.eval()
+
+
+def _gguf_permute(w, n_head: int):
+    """llama.cpp's layout for q/k rows: each head's rotate-half pairs (i, i + D/2) stored interleaved
+    as (2i, 2i + 1); transformers' GGUF loader undoes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def build_tiny_gguf(checkpoint: str | Path, path: str | Path, name: str = "tiny-llama") -> Path:
+    """Write the Llama checkpoint folder ``checkpoint`` (from :func:`build_tiny_checkpoint`) as one
+    float32 GGUF file at ``path``, laid out as llama.cpp's converter lays it out (tensor names, q/k
+    permutation, ``llama.*`` metadata, the byte-level BPE tokenizer as ``tokenizer.ggml.*``)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    checkpoint, path = Path(checkpoint), Path(path)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    if cfg["model_type"] != "llama":
+        raise ValueError(f"build_tiny_gguf writes Llama checkpoints, got model_type {cfg['model_type']!r}")
+    tensors = {k: v.float().numpy() for k, v in load_file(checkpoint / "model.safetensors").items()}
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    writer.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e4))))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    tok = json.loads((checkpoint / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
+    special = {t["content"] for t in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf_name, value in tensors.items():
+        if hf_name in names:
+            gguf_name = names[hf_name]
+        else:
+            _, _, i, rest = hf_name.split(".", 3)  # model.layers.<i>.<part>.weight
+            part, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{i}.{parts[part]}.{kind}"
+        if gguf_name.endswith("attn_q.weight"):
+            value = _gguf_permute(value, heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            value = _gguf_permute(value, kv_heads)
+        writer.add_tensor(gguf_name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -554,27 +554,48 @@ def _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, max_s
     return dq, dk, dv
 
 
-class _VarlenAttentionFunction(torch.autograd.Function):
-    """Causal varlen attention: the Triton forward saves (q, k, v, out, lse); the Triton
-    FlashAttention-2 backward recomputes P from them."""
+@torch.library.custom_op("arkfast::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal varlen forward as one opaque op: ``(out [T, Hq, D], lse [T, Hq] fp32)``."""
+    return _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, return_lse=True)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        _check_qkv(q, k, v, cu_seqlens)
-        _check_backward_grid(q, k, cu_seqlens)
-        max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        out, lse = _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, return_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                                       ctx.scale)
-        return dq, dk, dv, None, None, None
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:2], dtype=torch.float32))
+
+
+@torch.library.custom_op("arkfast::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                                  max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    """The Triton forward saves (q, k, v, out, lse); the Triton FlashAttention-2 backward recomputes P
+    from them."""
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _varlen_backward(ctx, dout, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_varlen_attention_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,9 +607,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Varlen (causal) attention over packed sequences; ``q [T, Hq, D]``, ``k/v [T, Hkv, D]``,
     ``cu_seqlens [B + 1]`` int32 → ``[T, Hq, D]`` in q's dtype. ``max_seqlen`` (the longest sequence)
     lets the kernel size its grid without reading ``cu_seqlens`` on the host (when it is None, it is
-    computed with one host sync). Differentiable in q, k, v; on the kernel path through the Triton
-    backward. ``causal=False``, a head dim over 128 or another dtype run the torch reference, also on
-    CUDA (see :func:`kernel_supports`). Rows of tokens past ``cu_seqlens[-1]`` are left unset.
+    computed with one host sync; under ``torch.compile`` pass it). Differentiable in q, k, v; the kernel
+    path is the custom op ``arkfast::varlen_attention`` with the Triton backward. ``causal=False``, a
+    head dim over 128 or another dtype run the torch reference, also on CUDA (see
+    :func:`kernel_supports`). Rows of tokens past ``cu_seqlens[-1]`` are left unset.
 
     Example::
 
@@ -597,9 +619,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out = varlen_attention(q, k, v, cu, max_seqlen=23)   # [40, 8, 64]
     """
     if use_triton(q, k, v) and kernel_supports(q, causal):
+        _check_qkv(q, k, v, cu_seqlens)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
-        return _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+            _check_backward_grid(q, k, cu_seqlens)
+        max_seqlen = _resolve_max_seqlen(cu_seqlens, max_seqlen)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale)[0]
     return varlen_attention_reference(q, k, v, cu_seqlens, scale, causal)
 
 

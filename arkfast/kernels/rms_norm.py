@@ -11,8 +11,8 @@ done in the same place: ``h`` is rounded to the input dtype, the normalised row 
 dtype before the weight multiply, and the product is rounded once to the output dtype
 (``promote_types(weight.dtype, x.dtype)``, as ``weight * normed`` gives in torch).
 
-Training: when grad is enabled and an input requires grad, :func:`rms_norm` runs the kernel forward
-under an ``autograd.Function`` whose backward is written in torch (see ``_RMSNormFunction``).
+The kernel forward is the ``torch.library`` custom op ``arkfast::rms_norm`` (a fake implementation
+for ``torch.compile``); its backward is written in torch (see ``_rms_norm_backward``).
 """
 from __future__ import annotations
 
@@ -143,7 +143,30 @@ def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return out if residual is None else (out, residual_out)
 
 
-class _RMSNormFunction(torch.autograd.Function):
+@torch.library.custom_op("arkfast::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel forward as one opaque op: ``(out, h)`` with ``h = x + residual``, or an empty ``h``
+    without a residual (an op cannot return None)."""
+    if residual is None:
+        return _rms_norm_triton(x, weight, eps), x.new_empty(0)
+    return _rms_norm_triton(x, weight, eps, residual)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, residual):
+    out = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+    return out, (x.new_empty(0) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, eps, residual = inputs
+    ctx.save_for_backward(x if residual is None else output[1], weight)
+    ctx.eps = eps
+    ctx.has_residual = residual is not None
+
+
+def _rms_norm_backward(ctx, grad_out, grad_h):
     """Kernel forward, torch backward. Only ``h`` (x, or the new residual) is saved, in the input dtype.
 
     With n = h * r, r = (mean_i h_i^2 + eps)^(-1/2) (fp32) and gn the gradient reaching n:
@@ -152,34 +175,26 @@ class _RMSNormFunction(torch.autograd.Function):
     and dL/dweight = sum over rows of grad_out * n.to(dtype). With a residual, h = x + residual also
     receives the gradient of the returned residual, and x and residual both get dL/dh.
     """
+    h, weight = ctx.saved_tensors  # [..., H] input dtype, [H]
+    h32 = h.float()
+    rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
+    n = h32 * rstd
+    # The same casts as autograd through the reference: grad of weight * n.to(dtype) w.r.t. the
+    # cast value is in x's dtype, and the cast's backward brings it back to fp32.
+    gn = (grad_out * weight).to(h.dtype).float()
+    gh = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(h.dtype)
+    if ctx.has_residual and grad_h is not None:
+        gh = gh + grad_h
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = (grad_out * n.to(h.dtype)).reshape(-1, h.shape[-1]).sum(0, dtype=torch.float32)
+        grad_w = grad_w.to(weight.dtype)
+    grad_x = gh if ctx.needs_input_grad[0] else None
+    grad_res = gh if ctx.has_residual and ctx.needs_input_grad[3] else None
+    return grad_x, grad_w, None, grad_res
 
-    @staticmethod
-    def forward(ctx, x, weight, eps, residual):
-        result = _rms_norm_triton(x, weight, eps, residual)
-        ctx.save_for_backward(x if residual is None else result[1], weight)
-        ctx.eps = eps
-        ctx.has_residual = residual is not None
-        return result
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_h=None):
-        h, weight = ctx.saved_tensors  # [..., H] input dtype, [H]
-        h32 = h.float()
-        rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
-        n = h32 * rstd
-        # The same casts as autograd through the reference: grad of weight * n.to(dtype) w.r.t. the
-        # cast value is in x's dtype, and the cast's backward brings it back to fp32.
-        gn = (grad_out * weight).to(h.dtype).float()
-        gh = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(h.dtype)
-        if grad_h is not None:
-            gh = gh + grad_h
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_out * n.to(h.dtype)).reshape(-1, h.shape[-1]).sum(0, dtype=torch.float32)
-            grad_w = grad_w.to(weight.dtype)
-        grad_x = gh if ctx.needs_input_grad[0] else None
-        grad_res = gh if ctx.has_residual and ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, None, grad_res
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
@@ -190,17 +205,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     x's dtype or float32 (kernel path), ``residual`` shaped and typed like ``x``. Returns
     ``out [..., H]`` of dtype ``promote_types(weight.dtype, x.dtype)`` or, with a residual,
     ``(out, h)`` where ``h = x + residual`` (x's dtype) is the new residual stream. Dispatches per the
-    package rule; with grad enabled and an input requiring grad the kernel runs under an autograd
-    function with a torch backward.
+    package rule; the kernel path is the custom op ``arkfast::rms_norm`` (one node under
+    ``torch.compile``) with a torch backward.
 
     Example::
 
         out, residual = rms_norm(hidden, layer.post_attention_layernorm.weight, 1e-6, residual)
     """
     if use_triton(x, weight, residual):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-            return _RMSNormFunction.apply(x, weight, eps, residual)
-        return _rms_norm_triton(x, weight, eps, residual)
+        out, h = _rms_norm_op(x, weight, float(eps), residual)
+        return out if residual is None else (out, h)
     return rms_norm_reference(x, weight, eps, residual)
 
 

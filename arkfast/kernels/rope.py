@@ -15,7 +15,8 @@ The outputs are new contiguous tensors.
 
 Backward: the rotation is orthogonal, so its gradient is the rotation by the negated angle; with the
 reference's roundings that is exactly the forward with sin negated (sin_scale = -s), see
-``_RopeFunction``.
+``_rope_backward``. The kernel is the custom op ``arkfast::apply_rope``, one node under
+``torch.compile``.
 """
 from __future__ import annotations
 
@@ -171,25 +172,37 @@ def _apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     return q_out, k_out
 
 
-class _RopeFunction(torch.autograd.Function):
+@torch.library.custom_op("arkfast::apply_rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+             attention_scaling: float, sin_sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel as one opaque op (forward with ``sin_sign = 1``, backward with -1)."""
+    return _apply_rope_triton(q, k, positions, inv_freq, attention_scaling, sin_sign=sin_sign)
+
+
+@_rope_op.register_fake
+def _(q, k, positions, inv_freq, attention_scaling, sin_sign):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, _, positions, inv_freq, attention_scaling, sin_sign = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.attention_scaling, ctx.sin_sign = attention_scaling, sin_sign
+
+
+def _rope_backward(ctx, grad_q, grad_k):
     """Kernel forward and backward. out = R(a) x with R(a) a rotation of each (x_i, x_{i+D/2}) pair, so
     dL/dx = R(a)^T g = R(-a) g: the same kernel with sin negated. The reference's autograd gives
     g1 * cos + g2 * sin and g2 * cos - g1 * sin with each product rounded to the dtype: the same
     roundings as the forward with -sin."""
+    positions, inv_freq = ctx.saved_tensors
+    grad_q = grad_q if grad_q.stride(2) == 1 else grad_q.contiguous()
+    grad_k = grad_k if grad_k.stride(2) == 1 else grad_k.contiguous()
+    gq, gk = _rope_op(grad_q, grad_k, positions, inv_freq, ctx.attention_scaling, -ctx.sin_sign)
+    return gq, gk, None, None, None, None
 
-    @staticmethod
-    def forward(ctx, q, k, positions, inv_freq, attention_scaling):
-        ctx.save_for_backward(positions, inv_freq)
-        ctx.attention_scaling = attention_scaling
-        return _apply_rope_triton(q, k, positions, inv_freq, attention_scaling)
 
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        positions, inv_freq = ctx.saved_tensors
-        grad_q = grad_q if grad_q.stride(2) == 1 else grad_q.contiguous()
-        grad_k = grad_k if grad_k.stride(2) == 1 else grad_k.contiguous()
-        gq, gk = _apply_rope_triton(grad_q, grad_k, positions, inv_freq, ctx.attention_scaling, sin_sign=-1.0)
-        return gq, gk, None, None, None
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -208,9 +221,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
         q, k = apply_rope(qkv[:, :32], qkv[:, 32:40], positions, inv_freq.cuda(), scale)
     """
     if use_triton(q, k):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return _RopeFunction.apply(q, k, positions, inv_freq, attention_scaling)
-        return _apply_rope_triton(q, k, positions, inv_freq, attention_scaling)
+        return _rope_op(q, k, positions, inv_freq, float(attention_scaling), 1.0)
     return apply_rope_reference(q, k, positions, inv_freq, attention_scaling)
 
 

@@ -129,18 +129,37 @@ def _swiglu_backward_triton(gate_up: torch.Tensor, grad_out: torch.Tensor) -> to
     return grad_gu
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    """Kernel forward and backward; saves only ``gate_up``."""
+@torch.library.custom_op("arkfast::swiglu", mutates_args=())
+def _swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """The forward kernel as one opaque op; its autograd saves only ``gate_up``."""
+    return _swiglu_triton(gate_up)
 
-    @staticmethod
-    def forward(ctx, gate_up):
-        ctx.save_for_backward(gate_up)
-        return _swiglu_triton(gate_up)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (gate_up,) = ctx.saved_tensors
-        return _swiglu_backward_triton(gate_up, grad_out)
+@_swiglu_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("arkfast::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(gate_up: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    return _swiglu_backward_triton(gate_up, grad_out)
+
+
+@_swiglu_backward_op.register_fake
+def _(gate_up, grad_out):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, grad_out):
+    (gate_up,) = ctx.saved_tensors
+    return _swiglu_backward_op(gate_up, grad_out)
+
+
+_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -156,9 +175,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (gate and up halves), got {gate_up.shape[-1]}")
     if use_triton(gate_up):
-        if torch.is_grad_enabled() and gate_up.requires_grad:
-            return _SwiGLUFunction.apply(gate_up)
-        return _swiglu_triton(gate_up)
+        return _swiglu_op(gate_up)
     return swiglu_reference(gate_up)
 
 

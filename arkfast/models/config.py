@@ -14,12 +14,16 @@ from typing import Any
 
 import torch
 
+from .gguf import gguf_config_dict, gguf_file
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
 }
+
+FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}  # model_type -> architecture
 
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -123,11 +127,16 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        """Read ``<path>/config.json`` (``path`` a checkpoint directory or the json file itself).
+        """Read ``<path>/config.json`` (``path`` a checkpoint directory or the json file itself), or the
+        metadata of a GGUF checkpoint (a ``.gguf`` file or a folder holding one, see
+        :mod:`arkfast.models.gguf`).
 
         End-of-sequence ids listed in a ``generation_config.json`` beside it are added to
         ``eos_token_ids`` (Llama 3 instruct models list their end-of-turn tokens only there)."""
         path = Path(path)
+        gguf = gguf_file(path)
+        if gguf is not None:
+            return cls.from_dict(gguf_config_dict(gguf))
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"no config.json at {path}")
@@ -141,8 +150,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Translate a Hugging Face config dict (transformers 4 or 5 layout) into a ``ModelConfig``."""
+        """Translate a Hugging Face config dict (transformers 4 or 5 layout) into a ``ModelConfig``. A dict
+        naming only ``model_type`` (no ``architectures``) gets that type's causal LM, as transformers
+        reads it."""
         archs = cfg.get("architectures") or []
+        if not archs and "model_type" in cfg:  # as transformers reads it: the model type alone
+            if cfg["model_type"] not in FAMILIES:
+                raise ValueError(f"unsupported model_type {cfg['model_type']!r} (and no architectures); "
+                                 f"supported: {', '.join(FAMILIES)}")
+            archs = [FAMILIES[cfg["model_type"]]]
+            cfg = {**cfg, "architectures": archs}
         if len(archs) != 1:
             raise ValueError(f"unsupported architectures {archs!r}; expected exactly one of "
                              f"{', '.join(ARCHITECTURES)}")

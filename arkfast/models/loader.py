@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: ``*.safetensors`` ↔ :class:`DecoderModel`, and the tokenizer.
+"""Hugging Face checkpoints in and out: ``*.safetensors`` ↔ :class:`DecoderModel`, and the tokenizer;
+GGUF checkpoints (llama.cpp) in, through transformers' GGUF loader (:mod:`arkfast.models.gguf`).
 
 The arkfast layout differs from transformers' in two fused projections, concatenated along the output
 dim at load time and split again at save time::
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, parse_dtype
 from .decoder import DecoderModel
+from .gguf import gguf_file, gguf_tensors, gguf_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,18 +77,19 @@ def _weight_map(path: Path) -> dict[str, Path]:
     if (path / SINGLE_FILE).is_file():
         with safe_open(path / SINGLE_FILE, framework="pt") as f:
             return {name: path / SINGLE_FILE for name in f.keys()}
-    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    raise ValueError(f"no {SINGLE_FILE}, {INDEX_FILE} or .gguf file in {path}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None) -> DecoderModel:
-    """Load a Llama / Qwen2 / Qwen3 / Mistral checkpoint directory into a :class:`DecoderModel`.
+    """Load a Llama / Qwen2 / Qwen3 / Mistral checkpoint into a :class:`DecoderModel`.
 
-    ``dtype`` (float32, bfloat16 or float16, or their names) defaults to float32; ``device`` to CPU.
-    Reads ``config.json`` and ``model.safetensors`` or the shards listed in
-    ``model.safetensors.index.json``. A missing or unexpected tensor, or one of the wrong shape, raises
-    ``ValueError`` naming it. The model is returned in train mode with gradients enabled, like any
-    ``nn.Module``; wrap inference in ``torch.no_grad()``.
+    ``path``: a checkpoint directory (``config.json`` and ``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``), or a GGUF checkpoint (a ``.gguf`` file or a folder holding one,
+    dequantised through transformers' GGUF loader). ``dtype`` (float32, bfloat16 or float16, or their
+    names) defaults to float32; ``device`` to CPU. A missing or unexpected tensor, or one of the wrong
+    shape, raises ``ValueError`` naming it. The model is returned in train mode with gradients enabled,
+    like any ``nn.Module``; wrap inference in ``torch.no_grad()``.
     """
     path = Path(path)
     cfg = ModelConfig.from_pretrained(path)
@@ -94,21 +97,26 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     with torch.device(device or "cpu"):
         model = DecoderModel(cfg, dtype)
 
-    files = _weight_map(path)
-    params = dict(model.named_parameters())
-    wanted = {name: hf_names(name) for name in params}
-    expected = {n for names in wanted.values() for n in names}
-    missing = sorted(expected - files.keys())
-    if missing:
-        raise ValueError(f"checkpoint {path} is missing tensors: {', '.join(missing)}")
-    unexpected = sorted(n for n in files if n not in expected and not _ignorable(n, cfg))
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has unexpected tensors: {', '.join(unexpected)}")
-
     with contextlib.ExitStack() as stack, torch.no_grad():
-        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
+        gguf = gguf_file(path)
+        if gguf is not None:
+            tensors = gguf_tensors(gguf)
+            available, read = tensors.keys(), tensors.__getitem__
+        else:
+            files = _weight_map(path)
+            handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
+            available, read = files.keys(), lambda name: handles[files[name]].get_tensor(name)
+        params = dict(model.named_parameters())
+        wanted = {name: hf_names(name) for name in params}
+        expected = {n for names in wanted.values() for n in names}
+        missing = sorted(expected - set(available))
+        if missing:
+            raise ValueError(f"checkpoint {path} is missing tensors: {', '.join(missing)}")
+        unexpected = sorted(n for n in available if n not in expected and not _ignorable(n, cfg))
+        if unexpected:
+            raise ValueError(f"checkpoint {path} has unexpected tensors: {', '.join(unexpected)}")
         for name, param in params.items():
-            parts = [handles[files[n]].get_tensor(n) for n in wanted[name]]
+            parts = [read(n) for n in wanted[name]]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
             if tensor.shape != param.shape:
                 shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(wanted[name], parts))
@@ -141,7 +149,11 @@ def save_model(model: DecoderModel, path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer (with its chat template) via ``transformers.AutoTokenizer``."""
+    """The checkpoint's tokenizer (with its chat template) via ``transformers.AutoTokenizer``; for a GGUF
+    checkpoint, the one transformers builds from the file's vocabulary."""
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return gguf_tokenizer(gguf)
     from transformers import AutoTokenizer  # imported here: transformers is slow to import
 
     return AutoTokenizer.from_pretrained(str(path))

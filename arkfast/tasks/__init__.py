@@ -21,6 +21,8 @@ from .grading import (
     extract_final,
     extract_last_number,
     extract_letter,
+    looks_like_latex,
+    math_answers_match,
     parse_number,
 )
 from .loading import load_problems, load_records, validate_json_file
@@ -56,6 +58,8 @@ __all__ = [
     "extract_letter",
     "load_problems",
     "load_records",
+    "looks_like_latex",
+    "math_answers_match",
     "parse_number",
     "validate_json_file",
 ]

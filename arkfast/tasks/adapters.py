@@ -27,6 +27,8 @@ from .grading import (
     extract_boxed,
     extract_final,
     extract_letter,
+    looks_like_latex,
+    math_answers_match,
     parse_number,
 )
 from .problem import Problem, Task
@@ -96,8 +98,10 @@ class GSM8KTask(RecordTask):
 
 
 class MathTask(RecordTask):
-    """Competition math: the gold is the last ``\\boxed{}`` of the solution (or an ``answer`` field);
-    answers compare as numbers when both read as numbers, else as lightly normalised LaTeX."""
+    """Competition math: the gold is the last ``\\boxed{}`` of the solution (or an ``answer`` field).
+    Answers compare exactly as numbers when both read as numbers, else as mathematics through
+    ``math-verify`` (:func:`~arkfast.tasks.grading.math_answers_match`); votes group answers by their
+    lightly normalised LaTeX (:func:`~arkfast.tasks.grading.canonical_math`)."""
 
     name = "math"
     prompt_kind = "math"
@@ -124,6 +128,9 @@ class MathTask(RecordTask):
 
     def canonical(self, answer):
         return canonical_math(answer)
+
+    def grade(self, answer, problem):
+        return math_answers_match(answer, problem.gold)
 
 
 class ChoiceTask(RecordTask):
@@ -209,7 +216,8 @@ class ChoiceTask(RecordTask):
 
 
 class GenericTask(RecordTask):
-    """Any question/answer fields; numeric grading when the gold is a number, else normalised exact
+    """Any question/answer fields; numeric grading when the gold is a number, grading as mathematics
+    (``math-verify``, as the ``math`` adapter) when the gold looks like LaTeX, else normalised exact
     match. A gold with a ``#### N`` line is reduced to ``N``."""
 
     name = "generic"
@@ -222,6 +230,11 @@ class GenericTask(RecordTask):
     def extract(self, completion, problem=None):
         numeric = problem is None or parse_number(problem.gold) is not None
         return extract_final(completion, numeric=numeric)
+
+    def grade(self, answer, problem):
+        if parse_number(problem.gold) is None and looks_like_latex(problem.gold):
+            return math_answers_match(answer, problem.gold)
+        return super().grade(answer, problem)
 
 
 ADAPTERS = {"gsm8k": GSM8KTask, "math": MathTask, "choice": ChoiceTask, "generic": GenericTask}

@@ -15,12 +15,14 @@ strings are equal. The same canonical string keys the majority vote, so "3/4", "
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
 
 __all__ = [
     "answers_match", "canonical_answer", "canonical_letter", "canonical_math", "canonical_number",
     "canonical_text", "extract_after_hashes", "extract_answer_is", "extract_boxed", "extract_final",
-    "extract_last_number", "extract_letter", "first_number", "parse_number",
+    "extract_last_number", "extract_letter", "first_number", "looks_like_latex", "math_answers_match",
+    "parse_number",
 ]
 
 # A number as people write it: optional sign and currency sign, digits with or without thousands
@@ -39,6 +41,9 @@ _LATEX_FRAC_SHORT_RE = re.compile(r"([-+]?)\\[dt]?frac(\d)(\d)")
 _ANSWER_IS_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*:?|:|=)\s*(.+)")
 _HASHES_RE = re.compile(r"####\s*(.+)")
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_LATEX_RE = re.compile(r"\\[A-Za-z]+|\\[{}]|[\^_{}]")
+# Answers longer than this are not handed to sympy (pathological input, or not an answer at all).
+MAX_MATH_CHARS = 1000
 
 LETTERS = "ABCDE"
 
@@ -236,6 +241,50 @@ def canonical_answer(s: str | None) -> str | None:
     """A number's canonical form if ``s`` reads as one, else :func:`canonical_text`."""
     number = canonical_number(s) if s is not None else None
     return number if number is not None else canonical_text(s)
+
+
+def looks_like_latex(s: str | None) -> bool:
+    """Whether ``s`` holds LaTeX markup (a ``\\command``, an escaped brace, ``^``, ``_`` or braces)."""
+    return s is not None and _LATEX_RE.search(s) is not None
+
+
+def math_answers_match(pred: str | None, gold: str | None, *, timeout_seconds: int = 5) -> bool:
+    """Whether two extracted answers are the same mathematics.
+
+    Numbers are compared exactly first (:func:`parse_number`: "1,000" = 1000, "-3/4" = -0.75,
+    "\\frac{1}{2}" = 0.5): when both answers read as numbers, that decides. Otherwise equal canonical
+    forms (:func:`canonical_math`) match, and the rest goes to ``math-verify``, which parses LaTeX and
+    plain expressions into sympy and compares them as expressions, intervals, sets, tuples, equations
+    (``y = 2x`` vs ``2x``), with ``\\text{}`` and units stripped: ``\\sqrt{2}/2`` =
+    ``\\frac{\\sqrt2}{2}``, ``[1, 3)`` = ``[1,3)``, ``\\{1, 2\\}`` = ``\\{2, 1\\}``.
+
+    Each parse and comparison is limited to ``timeout_seconds`` (math-verify's SIGALRM guard; a
+    pathological ``2^{2^{2^{...}}}`` is then unequal). Signals exist only in the main thread: in any
+    other thread math-verify runs without its time limit, and answers over :data:`MAX_MATH_CHARS`
+    characters are never handed to sympy. Raises ``ImportError`` when math-verify is needed but not
+    installed.
+    """
+    p, g = canonical_math(pred), canonical_math(gold)
+    if p is None or g is None:
+        return False
+    if p == g:
+        return True
+    if parse_number(pred) is not None and parse_number(gold) is not None:
+        return False  # two numbers: the exact comparison above is the answer
+    if len(pred) > MAX_MATH_CHARS or len(gold) > MAX_MATH_CHARS:
+        return False
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    except ImportError as e:
+        raise ImportError("grading LaTeX answers needs math-verify: pip install math-verify") from e
+    limit = timeout_seconds if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    # The answers are already extracted: "$...$" makes math-verify read each as one LaTeX expression.
+    gold_parsed = parse(f"${gold.strip()}$", config, parsing_timeout=limit)
+    pred_parsed = parse(f"${pred.strip()}$", config, parsing_timeout=limit)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=limit))
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:

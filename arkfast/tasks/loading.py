@@ -1,7 +1,10 @@
 """Loading problems: the built-in ``arith`` task, a local json/jsonl/parquet file (or a folder of
-them) through Hugging Face ``datasets``, or a hub dataset where the network allows.
+them), a folder written by ``datasets``' ``save_to_disk``, a folder of a local ``datasets`` cache, or a
+hub dataset where the network allows (or from the cache, offline).
 
     task, problems = load_problems("data/gsm8k_test.jsonl", limit=100)   # adapter detected
+    task, problems = load_problems("data/gsm8k_saved", split="test")       # save_to_disk folder
+    task, problems = load_problems("~/.cache/huggingface/datasets/openai___gsm8k")  # datasets cache
     task, problems = load_problems("openai/gsm8k:main", split="test")      # hub name[:config]
     task, problems = load_problems()                                        # arith, test split
 
@@ -12,6 +15,7 @@ and the fields that are there.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .adapters import detect_adapter, make_adapter, problem_ids
@@ -33,10 +37,13 @@ def load_problems(dataset: str | None = None, *, task: str | None = None, split:
     """``(task, problems)`` for ``dataset``.
 
     ``dataset``: ``None`` or ``"arith"`` for the built-in task; a local ``.json``/``.jsonl``/``.parquet``
-    file or a folder of them; else a hub name, ``"owner/name"`` or ``"owner/name:config"``.
+    file or a folder of them; a folder written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``;
+    a folder of a local ``datasets`` cache (one config's ``dataset_info.json`` and ``*.arrow`` files,
+    or a folder above exactly one such); else a hub name, ``"owner/name"`` or ``"owner/name:config"``.
     ``task``: an adapter name (``gsm8k``, ``math``, ``choice``, ``generic``, ``arith``); detected from
-    the fields when ``None``. ``split``: the hub split or the ``arith`` split (default ``"test"``); a
-    local file is one split, so it is ignored there. ``limit``: keep the first ``limit`` problems (ids do
+    the fields when ``None``. ``split``: the split of a hub dataset, a saved ``DatasetDict`` or a
+    cache, or the ``arith`` split (default ``"test"``, or the only split there is); a local file is one
+    split, so it is ignored there. ``limit``: keep the first ``limit`` problems (ids do
     not depend on it, so a resumed run with another limit lines up).
     """
     if limit is not None and limit < 0:
@@ -73,7 +80,7 @@ def load_records(dataset: str, *, split: str | None = None) -> tuple[list[dict],
                    or dataset.startswith((".", "/", "~", "\\")) or path.exists()
                    or dataset.partition(":")[0].count("/") > 1)  # a hub name is "owner/name[:config]"
     if looks_local:
-        return _load_local(path)
+        return _load_local(path, split)
     return _load_hub(dataset, split or "test")
 
 
@@ -123,13 +130,25 @@ def _is_json_document(path: Path) -> bool:
         return False
 
 
-def _load_local(path: Path) -> tuple[list[dict], list[str], str]:
+def _load_local(path: Path, split: str | None = None) -> tuple[list[dict], list[str], str]:
     if not path.exists():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _load_saved(path, split)
+        if (path / "dataset_info.json").is_file() and any(path.glob("*.arrow")):
+            return _load_cached(path, split)
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"no .json/.jsonl/.parquet files in the dataset folder {path}")
+            cached = _cache_folders(path)
+            if len(cached) == 1:
+                return _load_cached(cached[0], split)
+            if cached:
+                names = ", ".join(str(c.relative_to(path)) for c in cached[:6])
+                raise ValueError(f"the datasets cache {path} holds {len(cached)} datasets ({names}"
+                                 f"{', ...' if len(cached) > 6 else ''}); pass the folder of one")
+            raise FileNotFoundError(f"no .json/.jsonl/.parquet files, save_to_disk dataset or datasets cache "
+                                    f"(dataset_info.json + *.arrow) in the dataset folder {path}")
     else:
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(f"dataset file {path}: unsupported suffix {path.suffix!r}; expected one of "
@@ -149,6 +168,66 @@ def _load_local(path: Path) -> tuple[list[dict], list[str], str]:
     except Exception as e:  # datasets raises many types; say which file it was
         raise ValueError(f"could not read dataset {path} as {kind}: {e}") from e
     return ds.to_list(), list(ds.column_names), str(path)
+
+
+def _pick_split(splits: list[str], split: str | None, source: Path) -> str:
+    """The requested split, else ``test``, else the only one; ``ValueError`` naming the splits there are."""
+    if split is not None:
+        if split not in splits:
+            raise ValueError(f"{source} has no split {split!r}; it has {sorted(splits)}")
+        return split
+    if "test" in splits:
+        return "test"
+    if len(splits) == 1:
+        return splits[0]
+    raise ValueError(f"{source} has the splits {sorted(splits)}; pass --split")
+
+
+def _load_saved(path: Path, split: str | None) -> tuple[list[dict], list[str], str]:
+    """A folder written by ``save_to_disk``: one ``Dataset`` (``state.json``) or a ``DatasetDict``
+    (``dataset_dict.json``, one sub-folder per split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise ValueError(f"could not read the save_to_disk dataset {path}: {e}") from e
+    source = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        name = _pick_split(list(ds), split, path)
+        ds, source = ds[name], f"{path} [{name}]"
+    return ds.to_list(), list(ds.column_names), source
+
+
+# A cache's Arrow files: "<builder>-<split>.arrow" or "<builder>-<split>-00000-of-00004.arrow".
+_CACHE_FILE_RE = re.compile(r"(?P<builder>.+?)-(?P<split>[^-]+)(?:-\d{5}-of-\d{5})?\.arrow")
+
+
+def _cache_folders(root: Path) -> list[Path]:
+    """Folders at or under ``root`` laid out as a ``datasets`` cache of one config and version:
+    ``dataset_info.json`` beside ``*.arrow`` files (``<cache>/<owner>___<name>/<config>/<version>/<hash>``)."""
+    found = [info.parent for info in sorted(root.rglob("dataset_info.json"))
+             if any(_CACHE_FILE_RE.fullmatch(p.name) for p in info.parent.glob("*.arrow"))]
+    return found
+
+
+def _load_cached(folder: Path, split: str | None) -> tuple[list[dict], list[str], str]:
+    """One split of a ``datasets`` cache folder, read from its Arrow files (no network)."""
+    import datasets
+
+    # dataset_info.json lists the splits; other Arrow files there ("cache-<hash>.arrow") are map() results.
+    listed = (json.loads((folder / "dataset_info.json").read_text()).get("splits") or {}).keys()
+    by_split: dict[str, list[Path]] = {}
+    for p in sorted(folder.glob("*.arrow")):
+        m = _CACHE_FILE_RE.fullmatch(p.name)
+        if m and (not listed or m.group("split") in listed):
+            by_split.setdefault(m.group("split"), []).append(p)
+    name = _pick_split(list(by_split), split, folder)
+    try:
+        ds = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in by_split[name]])
+    except Exception as e:
+        raise ValueError(f"could not read the datasets cache {folder} [{name}]: {e}") from e
+    return ds.to_list(), list(ds.column_names), f"{folder} [{name}]"
 
 
 def _load_hub(name: str, split: str) -> tuple[list[dict], list[str], str]:
