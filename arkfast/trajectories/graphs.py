@@ -226,8 +226,8 @@ def format_graph_stats(stats: dict[str, Any]) -> str:
 
     lines += [f"minority agents adopting the majority   {pct(a['adopted'], a['minority'])}",
               f"majority agents leaving it              {pct(a['left'], a['majority'])}",
-              f"problems whose majority flips           {pct(f['problems'], n)}: wrong->right {f['wrong->right']:,}, "
-              f"right->wrong {f['right->wrong']:,}, wrong->wrong {f['wrong->wrong']:,}", ""]
+              (f"problems whose majority flips           {pct(f['problems'], n)}: wrong->right {f['wrong->right']:,}, "
+               f"right->wrong {f['right->wrong']:,}, wrong->wrong {f['wrong->wrong']:,}"), ""]
     if m["testable"]:
         lines.append(f"metric freedom (Mantel, step diversity vs score difference, {m['permutations']} permutations): "
                      f"{m['testable']:,} testable problems, mean r {m['mean_r']:.3f} (median {m['median_r']:.3f}), "
