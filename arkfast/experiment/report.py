@@ -349,8 +349,8 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
         from arkfast.trajectories.graphs import format_graph_stats
 
         kinds = graphs["correct"]
-        out += ["", "The train debates as interaction graphs (`trajectories/graphs.jsonl`; self-correction records "
-                f"`correct.jsonl`: {kinds['corrects']:,} corrects, {kinds['continues']:,} continues):", "", "```",
+        out += ["", ("The train debates as interaction graphs (`trajectories/graphs.jsonl`; self-correction records "
+                     f"`correct.jsonl`: {kinds['corrects']:,} corrects, {kinds['continues']:,} continues):"), "", "```",
                 format_graph_stats(graphs["graphs"]), "```"]
     out += ["", *[f"- {line}" for line in result["targets"]]]
     if result["missing"]:
