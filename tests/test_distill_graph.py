@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_distill import arith_records, grads, random_examples, small_config, tiny_model
 
-from arkfast.distill import DistillConfig, build_parser, distill, load_examples
+from arkfast.distill import DistillConfig, build_parser, distill, format_summary, load_examples
 from arkfast.distill.checkpoints import read_jsonl
 from arkfast.distill.graph import GraphObjective, concat_graph_rows, graph_rows
 from arkfast.generate import default_model_path
@@ -227,6 +227,7 @@ def test_graph_run_logs_its_terms_and_resumes_bit_for_bit(tiny_tok, tmp_path):
             "span_weights": "steps=1,answer=2"}
     ref = distill(small_config(data, tmp_path / "ref", **over), log=None)
     assert ref["data"]["pairs"] == 12 and ref["data"]["right_nodes"] == 12 and ref["data"]["problems"] == 12
+    assert "graph: problems / nodes (right) / pairs (lost across rows)  12 / 24 (12) / 12 (0)" in format_summary(ref)
     metrics = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     assert all({"token_loss", "margin_loss", "node_loss"} <= set(m) for m in metrics)
     assert metrics[-1]["margin_loss"] < metrics[0]["margin_loss"]

@@ -87,6 +87,11 @@ def format_summary(result: dict[str, Any]) -> str:
     rows = [("mode", result["mode"]),
             ("examples (kept / records)", f"{data['examples']} / {data['records']}"),
             ("packed rows", result["rows"]),
+            *([("graph: problems / nodes (right) / pairs (lost across rows)",
+                f"{data['problems']} / {data['nodes']} ({data['right_nodes']}) / {data['pairs']} ({data['pairs_split']})")]
+              if "pairs" in data else []),
+            *([("correct: continues left out (no --continues)", data["skipped_continues"])]
+              if result["mode"] == "correct" else []),
             ("steps", f"{result['steps_done']} / {result['steps']}"),
             ("epochs", f"{result['epochs_done']:.2f}"),
             ("target tokens / step (mean)", f"{result['target_tokens_per_step']:.0f}"),
