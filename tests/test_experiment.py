@@ -91,7 +91,7 @@ ARGV = ["--train-problems", "4", "--test-problems", "3", "--seeds", "1", "--eval
         "--jobs", "1", "--threads", "1", "--prm-label-limit", "2", "--prm-k", "1", "--prm-steps", "1",
         "--no-progress"]
 SYSTEMS = ("base", "self-consistency", "debate", "self-refine", "rft-tokens", "rft-compute", "rsft", "da", "pad",
-           "graph", "correct", "correct-refine", "rsft-span")
+           "graph", "graph-nt", "correct", "correct-refine", "rsft-span")
 COLUMNS = ("accuracy", "interval", "calls_per_problem", "tokens_per_problem", "prompt_tokens_per_problem",
            "generation_tokens", "training_tokens", "wall_seconds")
 
@@ -127,7 +127,8 @@ def test_tiny_experiment_writes_every_row_and_column(experiment):
         ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute"), ("graph", "rft-compute"),
         ("correct", "rft-compute"), ("rsft-span", "rft-tokens")}
     assert {(c["method"], c["control"]) for c in saved["ablations"]} == {
-        ("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "da")}
+        ("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "graph-nt"),
+        ("graph", "da")}
     assert len(saved["targets"]) == 8 and saved["targets"][0].startswith("Target 1")
     # self-refine: two calls per problem; its draft -> revised row next to the committee's
     assert rows["self-refine"]["calls_per_problem"] == 2 and rows["correct-refine"]["calls_per_problem"] == 2

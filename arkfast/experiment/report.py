@@ -33,6 +33,7 @@ TIME_TARGET_S = 30 * 60
 LABELS = {"base": "base model alone", "self-consistency": "self-consistency@{sc}", "debate": "debate {a}x{r} (committee)",
           "rft-tokens": "RFT, R-SFT's training tokens", "rft-compute": "RFT, DA's generation compute",
           "rsft": "R-SFT", "da": "DA", "pad": "PAD", "graph": "graph-supervised (MAGDi-style)",
+          "graph-nt": "graph rows, terms off (next-token only)",
           "correct": "R-SFT + self-correction, one pass", "correct-refine": "R-SFT + self-correction, self-refine",
           "rsft-span": "R-SFT, span-weighted ({span})", "self-refine": "base model + self-refine"}
 
@@ -256,9 +257,9 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
                     if "prm-label" in markers else 0)
     generation = {"rsft": debate_tokens, "da": debate_tokens, "rft-tokens": rft_tokens, "rft-compute": rft_tokens,
                   "pad": None if debate_tokens is None else debate_tokens + label_tokens,
-                  "graph": debate_tokens, "correct": debate_tokens, "correct-refine": debate_tokens,
+                  "graph": debate_tokens, "graph-nt": debate_tokens, "correct": debate_tokens, "correct-refine": debate_tokens,
                   "rsft-span": debate_tokens}
-    for system in ("rft-tokens", "rft-compute", "rsft", "da", "pad", "graph", "correct", "rsft-span"):
+    for system in ("rft-tokens", "rft-compute", "rsft", "da", "pad", "graph", "graph-nt", "correct", "rsft-span"):
         done = [markers[f"student-{system}-seed{k}"] for k in range(cfg.seeds) if f"student-{system}-seed{k}" in markers]
         if done and system in cfg.systems:
             rows[system] = _student_row(system, done, generation[system])

@@ -243,9 +243,9 @@ class _Experiment:
         traj = root / "trajectories"
         data: dict[str, list[str]] = {"rsft": [str(traj / "rsft.jsonl")], "da": [str(traj / "da.jsonl")],
                                       "rsft-span": [str(traj / "rsft.jsonl")]}
-        if {"graph", "correct"} & set(cfg.systems):
+        if {"graph", "graph-nt", "correct"} & set(cfg.systems):
             graphs = st.run("graphs", self.graphs)["result"]
-            data["graph"] = [str(traj / "pad.jsonl")]
+            data["graph"] = data["graph-nt"] = [str(traj / "pad.jsonl")]
             if graphs["correct"]["records"]:
                 data["correct"] = [str(traj / "rsft.jsonl"), str(traj / "correct.jsonl")]
             elif "correct" in cfg.systems:
