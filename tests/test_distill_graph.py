@@ -253,3 +253,34 @@ def test_help_lists_the_new_flags(capsys):
     for flag in ("--span-weights", "--continues", "--graph-margin-weight", "--graph-margin", "--graph-node-weight",
                  "correct", "graph"):
         assert flag in text, flag
+
+
+@pytest.mark.numerics
+def test_graph_mode_under_torchrun_equals_one_process(tiny_tok, tmp_path):
+    """Two gloo ranks, each one of a step's two rows against the step's N, P and J: the losses and each
+    logged term of one process training both rows, bit for bit (two shares summed, a + b either way;
+    the terms are summed over the ranks before they are logged)."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    data = graph_file(tiny_tok, tmp_path / "pad.jsonl")
+    settings = small_config(data, tmp_path / "one", mode="graph", row_tokens=200, batch_rows=2, epochs=1.0,
+                            save_every=0).to_dict()
+    one = distill(DistillConfig(**settings), log=None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29700 + os.getpid() % 1000)}
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
+           "-m", "arkfast.distill", "--data", str(data), "--mode", "graph", "--output", str(out), "--row-tokens", "200",
+           "--epochs", "1", "--lr", "1e-3", "--batch-rows", "2", "--save-every", "0", "--eval-limit", "0",
+           "--no-progress", "--no-plot", "--no-tensorboard", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = read_jsonl(out / "metrics.jsonl")
+    ref = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert len(two) == len(ref) == one["steps"]
+    for a, b in zip(two, ref):
+        assert [a[k] for k in ("loss", "token_loss", "margin_loss", "node_loss")] == \
+            [b[k] for k in ("loss", "token_loss", "margin_loss", "node_loss")], a["step"]
+        assert all(math.isfinite(a[k]) for k in ("margin_loss", "node_loss"))

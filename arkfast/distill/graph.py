@@ -238,7 +238,8 @@ class GraphObjective(torch.nn.Module):
         parts = {"token_loss": tokens / max(targets, 1), "margin_loss": margin / max(pairs, 1),
                  "node_loss": node / max(nodes, 1)}
         for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+            v = v.detach().double().clone()  # its own storage: summed in place over the ranks
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
         loss = parts["token_loss"]
         if self.margin_weight:  # a weight of 0 leaves the head out of the graph (no gradient, no update)
             loss = loss + self.margin_weight * parts["margin_loss"]

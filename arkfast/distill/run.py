@@ -244,7 +244,7 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
                 optimizer.backward(loss)
                 step_loss += loss.detach().double()
             optimizer.sum_over_ranks(ranks)
-            ranks.sum_([step_loss])
+            ranks.sum_([step_loss, *(objective.sums.values() if objective is not None else ())])
             norm = optimizer.grad_norm()
             # One host sync per optimiser step (not per micro-batch): metrics.jsonl logs every step, and
             # the NaN guard has to see the loss before the update is applied.
@@ -265,7 +265,7 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             record = {"step": done, "epoch": round(order.epoch_of(done), 4), "loss": loss_value, "lr": lr,
                       "grad_norm": norm_value, "tokens": tokens, "target_tokens": count,
                       "tokens_per_second": tokens / seconds, "seconds": round(time.perf_counter() - t0, 3)}
-            if objective is not None:  # this rank's share of each term (rank 0 logs)
+            if objective is not None:  # each term's mean over the step's rows (summed over the ranks above)
                 record.update(objective.pop_metrics())
             runlog.step(record)
             metrics.append(record)
