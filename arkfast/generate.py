@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debate rounds; only debate uses more than 1 (self-refine: always 2) (default: %(default)s)")
     g.add_argument("--aggregator", action="store_true",
                    help="one more call reads all final solutions and gives the final answer; not with "
-                        "--protocol single (default: off, the final answer is the last round's vote)")
+                        "--protocol single or self-refine (default: off, the final answer is the last round's vote)")
     g.add_argument("--layout", choices=LAYOUTS, default="shared",
                    help="shared: one transcript per round shared by all agents (prefix-cache friendly) "
                         "+ a per-agent suffix; classic: each agent's own LLM-Debate conversation "

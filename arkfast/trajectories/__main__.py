@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m arkfast.trajectories",
         description="Build the R-SFT, DA and PAD training sets from debates.jsonl files: write rsft.jsonl, "
-                    "da.jsonl, pad.jsonl (single-agent round-1 prompts, segmented steps) and stats.json.")
+                    "da.jsonl, pad.jsonl (single-agent round-1 prompts, segmented steps), the self-correction "
+                    "records correct.jsonl, the interaction graphs graphs.jsonl and stats.json; print the "
+                    "transition, majority and metric-freedom (Mantel) statistics.")
     p.add_argument("--debates", nargs="+", metavar="FILE", default=None,
                    help="debates.jsonl files from python -m arkfast.generate, each problem in one of them "
                         "(default: runs/arith-train/debates/debates.jsonl, generated first with "
