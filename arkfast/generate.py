@@ -1,4 +1,5 @@
-"""``python -m arkfast.generate``: run single-agent, self-consistency or debate generation on a task.
+"""``python -m arkfast.generate``: run single-agent, self-consistency, debate or self-refine generation
+on a task.
 
     python -m arkfast.generate                                   # tiny embedded model, built-in arith
     python -m arkfast.generate --model DIR --dataset gsm8k.jsonl --agents 5 --rounds 2 --limit 100
@@ -68,15 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default="debate",
                    help="single: one agent; self-consistency: N samples and a majority vote; "
-                        "debate: N agents x R rounds, final answer by majority vote of the last round "
-                        "(default: %(default)s)")
+                        "debate: N agents x R rounds, final answer by majority vote of the last round; "
+                        "self-refine: one agent drafts, then revises its own draft with the debate's update "
+                        "request (2 calls; the final answer is the revision's) (default: %(default)s)")
     g.add_argument("--agents", type=POSITIVE_INT, metavar="N", default=5,
-                   help="agents (samples); ignored by single (default: %(default)s)")
+                   help="agents (samples); ignored by single and self-refine (default: %(default)s)")
     g.add_argument("--rounds", type=POSITIVE_INT, metavar="R", default=2,
-                   help="debate rounds; only debate uses more than 1 (default: %(default)s)")
+                   help="debate rounds; only debate uses more than 1 (self-refine: always 2) (default: %(default)s)")
     g.add_argument("--aggregator", action="store_true",
                    help="one more call reads all final solutions and gives the final answer; not with "
-                        "--protocol single (default: off, the final answer is the last round's vote)")
+                        "--protocol single or self-refine (default: off, the final answer is the last round's vote)")
     g.add_argument("--layout", choices=LAYOUTS, default="shared",
                    help="shared: one transcript per round shared by all agents (prefix-cache friendly) "
                         "+ a per-agent suffix; classic: each agent's own LLM-Debate conversation "

@@ -374,3 +374,39 @@ def test_stopping_early_aborts_what_is_in_flight(tokenizer):
     next(records)
     records.close()
     assert not llm.running and any(ev == "abort" for _, ev, _ in llm.log)
+
+
+def test_self_refine_drafts_then_revises_its_own_draft(tokenizer):
+    """Two calls per problem: the single-agent draft (the same request seed as ``single``, so the same
+    sample), then the shared round prompt holding that draft alone, marked as the agent's own."""
+    problems = arith_problems("test", 3)
+    prompts = []
+
+    def respond(text, params):
+        prompts.append(text)
+        return arith_agent(problems)(text, params)
+
+    llm = FakeLLM(tokenizer, respond)
+    config = DebateConfig(protocol="self-refine", agents=5, rounds=3, seed=1)
+    assert (config.num_agents, config.num_rounds) == (1, 2)
+    records = list(run_debates(llm, ArithTask(), problems, config))
+    assert sum(1 for _, ev, _ in llm.log if ev == "add") == 2 * len(problems)
+    single = {r["id"]: r for r in run_debates(FakeLLM(tokenizer, arith_agent(problems)), ArithTask(), problems,
+                                             DebateConfig(protocol="single", seed=1))}
+    for r in records:
+        assert [len(ts) for ts in r["rounds"]] == [1, 1] and r["protocol"] == "self-refine"
+        draft, revised = r["rounds"][0][0], r["rounds"][1][0]
+        assert draft["text"] == single[r["id"]]["rounds"][0][0]["text"]
+        p = next(p for p in problems if p.id == r["id"])
+        revision_prompt = next(t for t in prompts if p.question in t and "Solutions from the previous round" in t)
+        assert f"Agent 1:\n{draft['text'].strip()}" in revision_prompt and "Agent 2:" not in revision_prompt
+        assert "You are Agent 1: the solution of Agent 1 above is your own." in revision_prompt
+        assert r["final_answer"] == revised["answer"]
+    summary = {**summarize(records, num_rounds=2), "protocol": "self-refine"}
+    text = format_summary(summary)
+    gain = summary["majority_accuracy_by_round"][1] - summary["majority_accuracy_by_round"][0]
+    assert "revised (round 2)" in text and f"{100 * gain:+.1f} points" in text
+    with pytest.raises(ValueError, match="self-refine revises with the shared round prompt"):
+        DebateConfig(protocol="self-refine", layout="classic")
+    with pytest.raises(ValueError, match="aggregator needs more than one agent"):
+        DebateConfig(protocol="self-refine", aggregator=True)

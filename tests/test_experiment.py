@@ -90,7 +90,8 @@ def test_copy_reusable_debates_copies_only_matching_settings(tmp_path):
 ARGV = ["--train-problems", "4", "--test-problems", "3", "--seeds", "1", "--eval-seeds", "1", "--epochs", "1",
         "--jobs", "1", "--threads", "1", "--prm-label-limit", "2", "--prm-k", "1", "--prm-steps", "1",
         "--no-progress"]
-SYSTEMS = ("base", "self-consistency", "debate", "rft-tokens", "rft-compute", "rsft", "da", "pad")
+SYSTEMS = ("base", "self-consistency", "debate", "self-refine", "rft-tokens", "rft-compute", "rsft", "da", "pad",
+           "graph", "graph-nt", "correct", "correct-refine", "rsft-span")
 COLUMNS = ("accuracy", "interval", "calls_per_problem", "tokens_per_problem", "prompt_tokens_per_problem",
            "generation_tokens", "training_tokens", "wall_seconds")
 
@@ -123,13 +124,26 @@ def test_tiny_experiment_writes_every_row_and_column(experiment):
     # the token-matched control reads about R-SFT's tokens: at most one record more
     assert abs(rows["rft-tokens"]["training_tokens"] - rows["rsft"]["training_tokens"]) < 200
     assert {(c["method"], c["control"]) for c in saved["comparisons"]} == {
-        ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute")}
-    assert len(saved["targets"]) == 5 and saved["targets"][0].startswith("Target 1")
+        ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute"), ("graph", "rft-compute"),
+        ("correct", "rft-compute"), ("rsft-span", "rft-tokens")}
+    assert {(c["method"], c["control"]) for c in saved["ablations"]} == {
+        ("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "graph-nt"),
+        ("graph", "da")}
+    assert len(saved["targets"]) == 8 and saved["targets"][0].startswith("Target 1")
+    # self-refine: two calls per problem; its draft -> revised row next to the committee's
+    assert rows["self-refine"]["calls_per_problem"] == 2 and rows["correct-refine"]["calls_per_problem"] == 2
+    assert [r["system"] for r in saved["self_correction"]] == ["debate", "self-refine", "correct-refine"]
+    assert saved["graphs"]["graphs"]["problems"] == 4 and saved["graphs"]["correct"]["records"] > 0
+    # the span-weighted student trained on R-SFT's records with the span weights
+    log = (out / "students" / "rsft-span" / "seed-0" / "train" / "summary.json").read_text()
+    assert json.loads(log)["config"]["span_weights"] == {"steps": 1.0, "answer": 2.0}
     md = (out / "experiment.md").read_text()
     for text in ("| system | calls / problem", "base model alone", "self-consistency@5", "debate 5x2 (committee)",
                  "RFT, R-SFT's training tokens", "RFT, DA's generation compute", "| R-SFT |", "| DA |", "| PAD |",
                  "machine: ", "commit: ", "command: `python -m arkfast.experiment --train-problems 4",
-                 "Paired differences", "Target 3"):
+                 "Paired differences", "Target 3", "| graph-supervised (MAGDi-style) |", "Draft -> revised",
+                 "R-SFT + self-correction, self-refine", "R-SFT, span-weighted (steps=1,answer=2)",
+                 "agent round r -> r+1", "metric freedom"):
         assert text in md, text
     assert json.loads(json.dumps(result["rows"])) == saved["rows"]
 

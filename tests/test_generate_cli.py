@@ -304,3 +304,21 @@ def test_real_engine_resume_and_context_window_error(tmp_path, checkpoint):
     assert len(read_records(debates)) == 2
     main([*common, "--output", str(out), "--resume"])
     assert by_id(read_records(debates)) == by_id(reference)  # per-request seeds: sampling is reproducible
+
+
+def test_self_refine_writes_two_calls_per_problem_and_resumes(tmp_path, dataset, fake_llm):
+    common = ["--model", "m", "--dataset", str(dataset), "--protocol", "self-refine"]
+    summary = main([*common, "--output", str(tmp_path / "full")])
+    reference = by_id(read_records(tmp_path / "full" / "debates.jsonl"))
+    assert summary["config"]["agents"] == 1 and summary["config"]["rounds"] == 2
+    assert all([len(ts) for ts in r["rounds"]] == [1, 1] for r in reference.values())
+
+    out = tmp_path / "cut"
+    main([*common, "--output", str(out), "--limit", "2"])
+    path = out / "debates.jsonl"
+    half = (tmp_path / "full" / "debates.jsonl").read_text().splitlines()[2]
+    path.write_text(path.read_text() + half[:len(half) // 2])  # killed in mid-write
+    summary = main([*common, "--output", str(out), "--resume"])
+    assert by_id(read_records(path)) == reference and summary["run"]["problems"] == 3
+    with pytest.raises(ValueError, match="--resume: .* protocol='self-refine', now protocol='debate'"):
+        main(["--model", "m", "--dataset", str(dataset), "--output", str(out), "--resume"])

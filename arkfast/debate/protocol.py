@@ -1,9 +1,11 @@
-"""The protocols (``single``, ``self-consistency``, ``debate``), the majority vote, and the state and
-record of one problem's debate.
+"""The protocols (``single``, ``self-consistency``, ``debate``, ``self-refine``), the majority vote, and
+the state and record of one problem's debate.
 
-A protocol is N agents x R rounds: ``single`` is 1 x 1, ``self-consistency`` N x 1 and ``debate`` N x R
-(default 5 x 2). Round 1 agents answer independently; in round r each agent sees its peers' round r-1
-answers and revises. The final answer is the majority vote of the last round, or, with ``aggregator``,
+A protocol is N agents x R rounds: ``single`` is 1 x 1, ``self-consistency`` N x 1, ``debate`` N x R
+(default 5 x 2) and ``self-refine`` 1 x 2. Round 1 agents answer independently; in round r each agent
+sees its peers' round r-1 answers and revises. ``self-refine`` is one agent that drafts, then revises its
+own draft with the debate's update request (the ``shared`` round prompt with one solution, its own):
+two model calls per problem instead of the debate's ten. The final answer is the majority vote of the last round, or, with ``aggregator``,
 the answer of one more call that reads every final solution (the vote when that call states none).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from arkfast.tasks import Problem, Task
 
 __all__ = ["LAYOUTS", "PROTOCOLS", "DebateConfig", "ProblemState", "majority_vote", "request_seed"]
 
-PROTOCOLS = ("single", "self-consistency", "debate")
+PROTOCOLS = ("single", "self-consistency", "debate", "self-refine")
 LAYOUTS = ("shared", "classic")
 
 
@@ -27,7 +29,7 @@ LAYOUTS = ("shared", "classic")
 class DebateConfig:
     """How a debate runs. ``agents``/``rounds`` are what the user asked for; :attr:`num_agents` and
     :attr:`num_rounds` are what the protocol uses (``single`` is always 1 x 1, ``self-consistency``
-    always one round). Sampling: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1: off),
+    always one round, ``self-refine`` always 1 x 2, in the ``shared`` layout). Sampling: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1: off),
     ``max_tokens`` per completion; each request gets its own seed derived from ``seed``, the problem
     id, the round and the agent, so a problem's completions do not depend on what else runs."""
 
@@ -63,15 +65,20 @@ class DebateConfig:
             raise ValueError(f"top_k must be -1 (off) or a positive int, got {self.top_k!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if self.aggregator and self.protocol == "single":
+        if self.aggregator and self.protocol in ("single", "self-refine"):
             raise ValueError("aggregator needs more than one agent; use protocol 'self-consistency' or 'debate'")
+        if self.protocol == "self-refine" and self.layout != "shared":
+            raise ValueError("self-refine revises with the shared round prompt (one solution, the agent's own); "
+                             f"layout {self.layout!r} has no prompt for an agent without peers")
 
     @property
     def num_agents(self) -> int:
-        return 1 if self.protocol == "single" else self.agents
+        return 1 if self.protocol in ("single", "self-refine") else self.agents
 
     @property
     def num_rounds(self) -> int:
+        if self.protocol == "self-refine":
+            return 2
         return self.rounds if self.protocol == "debate" else 1
 
     def to_dict(self) -> dict[str, Any]:

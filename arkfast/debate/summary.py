@@ -48,10 +48,15 @@ def summarize(records: Sequence[dict[str, Any]], *, num_rounds: int) -> dict[str
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A small table for people: the accuracy comparison, then tokens and throughput. With
-    ``summary["protocol"] == "single"`` the majority-vote rows are left out."""
+    ``summary["protocol"] == "single"`` the majority-vote rows are left out; ``self-refine`` shows the
+    revision's accuracy and its gain over the draft (round 1, the single-agent row) instead."""
     rows = [("problems", f"{summary['problems']} ({summary['errors']} with errors)"),
             ("single agent (agent 1, round 1)", f"{summary['single_agent_accuracy']:.1%}")]
-    if summary.get("protocol") != "single":  # one agent: a "majority" is that agent's answer again
+    if summary.get("protocol") == "self-refine":  # one agent, its draft then its revision
+        draft, revised = summary["majority_accuracy_by_round"][:2]
+        rows += [("revised (round 2)", f"{revised:.1%}"),
+                 ("draft -> revised gain", f"{100 * (revised - draft):+.1f} points")]
+    elif summary.get("protocol") != "single":  # one agent: a "majority" is that agent's answer again
         rows.append(("majority of round 1 (self-consistency)", f"{summary['self_consistency_accuracy']:.1%}"))
         for i, acc in enumerate(summary["majority_accuracy_by_round"][1:], start=2):
             rows.append((f"majority of round {i}", f"{acc:.1%}"))

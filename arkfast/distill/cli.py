@@ -3,6 +3,8 @@
     python -m arkfast.distill                              # tiny model, rsft on runs/arith-train (made if missing)
     python -m arkfast.distill --mode da --data runs/x/trajectories/da.jsonl --output runs/x/distill/da
     python -m arkfast.distill --mode pad --pad-weighting advantage --eval-every 50
+    python -m arkfast.distill --mode graph                 # right answers + margin/correctness on pooled states
+    python -m arkfast.distill --mode correct --data rsft.jsonl correct.jsonl --span-weights steps=1,answer=2
     python -m arkfast.distill --config distill.yaml --lr 1e-4   # flags override the file's keys
     python -m arkfast.distill --output runs/x/distill/rsft --resume   # continue a killed run
 
@@ -13,10 +15,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import MODES, PRECISIONS, DistillConfig, load_config_file
+from .config import MODES, PRECISIONS, DistillConfig, load_config_file, parse_span_weights
 from .weights import PAD_WEIGHTINGS
 
 __all__ = ["build_parser", "config_from_args", "main"]
+
+
+def _span_weights(text: str) -> dict[str, float]:
+    try:
+        return parse_span_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,16 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and model")
     g.add_argument("--data", metavar="FILE", nargs="+", default=S,
                    help="trajectory .jsonl files (default: runs/arith-train/trajectories/<mode>.jsonl, made "
-                        "first when missing; for pad runs/arith-train/prm/scored/pad.jsonl)")
+                        "first when missing; for pad runs/arith-train/prm/scored/pad.jsonl, for graph "
+                        "runs/arith-train/trajectories/pad.jsonl)")
     g.add_argument("--mode", choices=MODES, default=S,
-                   help=f"rsft / da: every response token weight 1; pad: weights from the step scores "
-                        f"(default: {d.mode})")
+                   help=f"rsft / da: every response token weight 1; pad: weights from the step scores; "
+                        f"correct: self-correction records (correct.jsonl: own draft -> corrected solution), "
+                        f"with any plain records also given; graph: next-token loss on a problem's right "
+                        f"answers + margin ranking and a correctness head on the pooled states of its right "
+                        f"and wrong ones (default: {d.mode})")
     g.add_argument("--pad-weighting", choices=PAD_WEIGHTINGS, default=S,
                    help="pad: score = the step's score; advantage = step score minus the problem's mean "
                         "trajectory score (min over steps), clipped to [-pad-clip, pad-clip]; min = the "
                         f"minimum score of the steps so far (PURE) (default: {d.pad_weighting})")
     g.add_argument("--pad-clip", type=float, metavar="C", default=S,
                    help=f"bound of the advantage weights (default: {d.pad_clip})")
+    g.add_argument("--span-weights", type=_span_weights, metavar="steps=W1,answer=W2", default=S,
+                   help="any mode: multiply the token weights of the reasoning steps by W1 and of the answer "
+                        "span (the last step, with the end-of-turn token) by W2; a part left out is 1 "
+                        "(default: off, every span 1)")
+    g.add_argument("--continues", action="store_true", default=S,
+                   help="correct: also train the right -> right (continues) self-correction records, not only "
+                        "the wrong -> right (corrects) ones (default: off)")
+    g.add_argument("--graph-margin-weight", type=float, metavar="BETA", default=S,
+                   help="graph: weight of the margin ranking between the pooled states of a problem's right "
+                        f"and wrong answers (default: {d.graph_margin_weight})")
+    g.add_argument("--graph-margin", type=float, metavar="M", default=S,
+                   help=f"graph: the margin m of max(0, m - (s_right - s_wrong)) (default: {d.graph_margin})")
+    g.add_argument("--graph-node-weight", type=float, metavar="ALPHA", default=S,
+                   help="graph: weight of the node-correctness head on the same pooled states, 0: off "
+                        f"(default: {d.graph_node_weight})")
     g.add_argument("--model", metavar="DIR", default=S,
                    help="base Hugging Face checkpoint (default: the embedded tiny model arkfast/zoo/tiny)")
     g.add_argument("--output", metavar="DIR", default=S,

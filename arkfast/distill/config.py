@@ -15,24 +15,47 @@ from typing import Any
 
 from .weights import PAD_WEIGHTINGS
 
-__all__ = ["MODES", "PRECISIONS", "DistillConfig", "default_data", "load_config_file"]
+__all__ = ["MODES", "PRECISIONS", "DistillConfig", "default_data", "load_config_file", "parse_span_weights"]
 
-MODES = ("rsft", "da", "pad")
+MODES = ("rsft", "da", "pad", "correct", "graph")
+SPANS = ("steps", "answer")
 PRECISIONS = ("fp32", "bf16")
 
 # Settings whose change alters the loss curve: a resumed run must use the same ones.
 CURVE_KEYS = ("mode", "model", "pad_weighting", "pad_clip", "epochs", "steps", "row_tokens", "batch_rows",
               "micro_batch_rows", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "eps",
               "grad_clip", "seed", "precision", "gradient_checkpointing", "threads")
+# Curve settings added later: in a run's fingerprint only when they differ from their default, so runs
+# made before they existed are still continued or reused.
+OPTIONAL_CURVE_KEYS = {"span_weights": None, "continues": False, "graph_margin": 1.0, "graph_margin_weight": 0.1,
+                       "graph_node_weight": 0.1}
+
+
+def parse_span_weights(text: str) -> dict[str, float]:
+    """``"steps=W1,answer=W2"`` (either part may be left out: weight 1) as ``{"steps": W1, "answer": W2}``;
+    ``ValueError`` naming the bad part."""
+    out = {name: 1.0 for name in SPANS}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in SPANS:
+            raise ValueError(f"span weights {text!r}: expected steps=W1,answer=W2, got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"span weights {text!r}: {name.strip()} weight {value!r} is not a number") from None
+    return out
 
 
 def default_data(mode: str, root: str | Path | None = None) -> Path:
     """The default training file of ``mode`` under ``runs/arith-train/``: ``trajectories/<mode>.jsonl``
-    for ``rsft``/``da``, the PRM-scored ``prm/scored/pad.jsonl`` for ``pad``."""
+    for ``rsft``/``da``/``correct``, the PRM-scored ``prm/scored/pad.jsonl`` for ``pad``, the unscored
+    ``trajectories/pad.jsonl`` for ``graph``."""
     from arkfast.workflow import stage_dir
 
     if mode == "pad":
         return stage_dir("prm", root) / "scored" / "pad.jsonl"
+    if mode == "graph":  # right and wrong answers of each problem, unscored
+        return stage_dir("trajectories", root) / "pad.jsonl"
     return stage_dir("trajectories", root) / f"{mode}.jsonl"
 
 
@@ -64,6 +87,11 @@ class DistillConfig:
     output: str | None = None
     pad_weighting: str = "min"
     pad_clip: float = 1.0
+    span_weights: dict[str, float] | None = None
+    continues: bool = False
+    graph_margin: float = 1.0
+    graph_margin_weight: float = 0.1
+    graph_node_weight: float = 0.1
     epochs: float = 3.0
     steps: int | None = None
     stop_after: int | None = None
@@ -110,6 +138,17 @@ class DistillConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _number("pad_clip", self.pad_clip, 0.0, low_open=True)
+        if isinstance(self.span_weights, str):
+            self.span_weights = parse_span_weights(self.span_weights)
+        if self.span_weights is not None:
+            if not isinstance(self.span_weights, dict) or set(self.span_weights) - set(SPANS):
+                raise ValueError(f"span_weights must map {' and '.join(SPANS)} to weights, got {self.span_weights!r}")
+            self.span_weights = {name: self.span_weights.get(name, 1.0) for name in SPANS}
+            for name, w in self.span_weights.items():
+                _number(f"span_weights {name}", w, 0.0)
+        _number("graph_margin", self.graph_margin, 0.0)
+        _number("graph_margin_weight", self.graph_margin_weight, 0.0)
+        _number("graph_node_weight", self.graph_node_weight, 0.0)
         _number("epochs", self.epochs, 0.0, low_open=True)
         for name in ("row_tokens", "batch_rows", "micro_batch_rows", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
@@ -135,7 +174,8 @@ class DistillConfig:
         for name in ("seed", "eval_seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")  # noqa: TRY004 (bad input)
-        for name in ("resume", "eval_at_start", "gradient_checkpointing", "tensorboard", "plot", "progress"):
+        for name in ("resume", "continues", "eval_at_start", "gradient_checkpointing", "tensorboard", "plot",
+                     "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
 
@@ -173,7 +213,9 @@ class DistillConfig:
     def curve_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (they shape the loss curve)."""
         d = self.to_dict()
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in CURVE_KEYS}
+        out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in CURVE_KEYS}
+        out.update({k: d[k] for k, default in OPTIONAL_CURVE_KEYS.items() if d[k] != default})
+        return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

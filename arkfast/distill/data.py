@@ -27,7 +27,7 @@ import torch
 
 from arkfast.train import Example, PackedRow
 
-from .weights import step_weights
+from .weights import apply_span_weights, step_weights
 
 __all__ = ["DataStats", "RowOrder", "concat_rows", "end_of_turn_id", "load_examples", "record_example",
            "rows_fingerprint"]
@@ -44,10 +44,17 @@ def end_of_turn_id(tokenizer: Any) -> int:
 def record_example(tokenizer: Any, record: dict[str, Any], weights: Sequence[float] | None,
                    eos_id: int) -> Example:
     """One record as an :class:`Example` (see the module docstring). ``weights``: one per step of the
-    record, or ``None`` for weight 1 everywhere."""
+    record, or ``None`` for weight 1 everywhere. A self-correction record (``correct.jsonl``, with a
+    ``draft``) is prompted with the ids ``generate --protocol self-refine`` gives the revision
+    (:func:`arkfast.trajectories.correction.revision_prompt_ids`)."""
     from arkfast.trajectories import chat_prompt_ids, encode_response
 
-    prompt = chat_prompt_ids(tokenizer, record["prompt"])
+    if "draft" in record:  # a self-correction record: the engine's self-refine revision prompt
+        from arkfast.trajectories.correction import revision_prompt_ids
+
+        prompt = revision_prompt_ids(tokenizer, record["prompt"])
+    else:
+        prompt = chat_prompt_ids(tokenizer, record["prompt"])
     ids, ranges = encode_response(tokenizer, record["response"], record["steps"])
     completion = list(ids) + [eos_id]
     token_weights = None
@@ -64,35 +71,57 @@ def record_example(tokenizer: Any, record: dict[str, Any], weights: Sequence[flo
 @dataclasses.dataclass
 class DataStats:
     """What the training files held: ``records`` read, ``examples`` kept, ``skipped_long`` (longer than
-    a row), ``skipped_no_steps`` (pad records with no scored step: nothing to weight), the
-    ``target_tokens`` and ``tokens`` of the kept examples."""
+    a row), ``skipped_no_steps`` (pad records with no scored step: nothing to weight),
+    ``skipped_continues`` (``correct`` mode without ``--continues``: right -> right records left out),
+    the ``target_tokens`` and ``tokens`` of the kept examples."""
 
     records: int = 0
     examples: int = 0
     skipped_long: int = 0
     skipped_no_steps: int = 0
+    skipped_continues: int = 0
     tokens: int = 0
     target_tokens: int = 0
 
 
-def load_examples(paths: Sequence[str | Path], tokenizer: Any, mode: str, *, pad_weighting: str = "min",
-                  pad_clip: float = 1.0, row_tokens: int | None = None) -> tuple[list[Example], DataStats]:
-    """Read every file (:func:`arkfast.trajectories.read_trajectories`, checked against ``tokenizer``;
-    ``pad`` needs ``step_scores``) and build the examples, in file order. Examples longer than
-    ``row_tokens`` are skipped and counted. Raises the reader's ``TrajectoryFileError`` (a
-    ``ValueError`` naming file, line and field) for a bad file."""
+def read_records(paths: Sequence[str | Path], tokenizer: Any, mode: str, *,
+                 continues: bool = False) -> tuple[list[dict[str, Any]], DataStats]:
+    """The records of every file (:func:`arkfast.trajectories.read_trajectories`, checked against
+    ``tokenizer``; ``pad`` needs ``step_scores``), in file order. ``correct`` keeps the ``corrects``
+    self-correction records, the ``continues`` ones only with ``continues``, and every plain
+    trajectory record (so ``--data rsft.jsonl correct.jsonl`` trains both); it refuses files without
+    any self-correction record."""
     from arkfast.trajectories import read_trajectories
 
     records = []
     for path in paths:
         records += read_trajectories(path, tokenizer=tokenizer, require_step_scores=mode == "pad")
     stats = DataStats(records=len(records))
+    if mode == "correct":
+        if not any("transition" in r for r in records):
+            raise ValueError(f"{', '.join(map(str, paths))}: --mode correct needs self-correction records "
+                             f"(correct.jsonl from python -m arkfast.trajectories); none has a 'transition'")
+        kept = [r for r in records if r.get("transition", "corrects") == "corrects" or continues]
+        stats.skipped_continues = len(records) - len(kept)
+        records = kept
+    return records, stats
+
+
+def load_examples(paths: Sequence[str | Path], tokenizer: Any, mode: str, *, pad_weighting: str = "min",
+                  pad_clip: float = 1.0, row_tokens: int | None = None, span_weights: dict[str, float] | None = None,
+                  continues: bool = False) -> tuple[list[Example], DataStats]:
+    """Read every file (:func:`read_records`) and build the examples, in file order; ``span_weights``
+    scale the reasoning and answer spans (:func:`~.weights.apply_span_weights`). Examples longer than
+    ``row_tokens`` are skipped and counted. Raises the reader's ``TrajectoryFileError`` (a
+    ``ValueError`` naming file, line and field) for a bad file."""
+    records, stats = read_records(paths, tokenizer, mode, continues=continues)
     eos = end_of_turn_id(tokenizer)
     examples = []
     for record, weights in zip(records, step_weights(records, mode, pad_weighting, pad_clip)):
         if weights is not None and not weights:
             stats.skipped_no_steps += 1
             continue
+        weights = apply_span_weights(weights, len(record["steps"]), span_weights)
         example = record_example(tokenizer, record, weights, eos)
         if row_tokens is not None and len(example) > row_tokens:
             stats.skipped_long += 1

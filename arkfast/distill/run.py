@@ -87,6 +87,11 @@ def format_summary(result: dict[str, Any]) -> str:
     rows = [("mode", result["mode"]),
             ("examples (kept / records)", f"{data['examples']} / {data['records']}"),
             ("packed rows", result["rows"]),
+            *([("graph: problems / nodes (right) / pairs (lost across rows)",
+                f"{data['problems']} / {data['nodes']} ({data['right_nodes']}) / {data['pairs']} ({data['pairs_split']})")]
+              if "pairs" in data else []),
+            *([("correct: continues left out (no --continues)", data["skipped_continues"])]
+              if result["mode"] == "correct" else []),
             ("steps", f"{result['steps_done']} / {result['steps']}"),
             ("epochs", f"{result['epochs_done']:.2f}"),
             ("target tokens / step (mean)", f"{result['target_tokens_per_step']:.0f}"),
@@ -146,9 +151,15 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
 
     t_data = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.mode, pad_weighting=cfg.pad_weighting,
-                                    pad_clip=cfg.pad_clip, row_tokens=cfg.row_tokens)
-    rows = pack_rows(examples, cfg.row_tokens)
+    if cfg.mode == "graph":  # nodes grouped by problem, pairs per row (.graph)
+        from .graph import load_graph_rows
+
+        rows, stats = load_graph_rows(cfg.data, tokenizer, cfg.row_tokens, span_weights=cfg.span_weights)
+    else:
+        examples, stats = load_examples(cfg.data, tokenizer, cfg.mode, pad_weighting=cfg.pad_weighting,
+                                        pad_clip=cfg.pad_clip, row_tokens=cfg.row_tokens,
+                                        span_weights=cfg.span_weights, continues=cfg.continues)
+        rows = pack_rows(examples, cfg.row_tokens)
     order = RowOrder(len(rows), cfg.batch_rows, cfg.seed)
     steps = cfg.steps or math.ceil(cfg.epochs * len(rows) / cfg.batch_rows)
     last = min(cfg.stop_after or steps, steps)
@@ -170,8 +181,15 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             return previous
 
     model = load_model(model_dir, torch.float32, device).train()
-    optimizer = Optimizer(model, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                          weight_decay=cfg.weight_decay)
+    objective, concat = None, concat_rows
+    if cfg.mode == "graph":  # the decoder and the heads on its pooled states, trained together
+        from .graph import GraphObjective, GraphOptimizer, concat_graph_rows
+
+        objective, concat = GraphObjective(model, margin=cfg.graph_margin, margin_weight=cfg.graph_margin_weight,
+                                           node_weight=cfg.graph_node_weight, seed=cfg.seed), concat_graph_rows
+    optimizer = (Optimizer if objective is None else GraphOptimizer)(
+        model if objective is None else objective, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
+        eps=cfg.eps, weight_decay=cfg.weight_decay)
     start = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
@@ -214,15 +232,19 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             t_step = time.perf_counter()
             step_rows = [rows[i] for i in order.step_rows(step)]
             count = max(step_target_count(step_rows), 1)  # N of the module docstring of .loop, all ranks'
+            graph_counts = objective.step_counts(step_rows) if objective is not None else None  # P, J
             mine = ranks.share(step_rows)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for m in range(0, len(mine), cfg.micro_batch_rows):
-                micro = concat_rows(mine[m:m + cfg.micro_batch_rows])
-                loss = micro_batch_loss_sum(model, micro, device, cfg.gradient_checkpointing) / count
+                micro = concat(mine[m:m + cfg.micro_batch_rows])
+                if objective is None:
+                    loss = micro_batch_loss_sum(model, micro, device, cfg.gradient_checkpointing) / count
+                else:
+                    loss = objective.loss(micro, device, count, *graph_counts, cfg.gradient_checkpointing)
                 optimizer.backward(loss)
                 step_loss += loss.detach().double()
             optimizer.sum_over_ranks(ranks)
-            ranks.sum_([step_loss])
+            ranks.sum_([step_loss, *(objective.sums.values() if objective is not None else ())])
             norm = optimizer.grad_norm()
             # One host sync per optimiser step (not per micro-batch): metrics.jsonl logs every step, and
             # the NaN guard has to see the loss before the update is applied.
@@ -243,6 +265,8 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             record = {"step": done, "epoch": round(order.epoch_of(done), 4), "loss": loss_value, "lr": lr,
                       "grad_norm": norm_value, "tokens": tokens, "target_tokens": count,
                       "tokens_per_second": tokens / seconds, "seconds": round(time.perf_counter() - t0, 3)}
+            if objective is not None:  # each term's mean over the step's rows (summed over the ranks above)
+                record.update(objective.pop_metrics())
             runlog.step(record)
             metrics.append(record)
             bar.update(1)

@@ -23,6 +23,16 @@ so ``w > 0`` raises the probability of the step's tokens, ``w = 0`` ignores them
     ``w_jk = min_{i <= k} s_ji`` (PURE, Cheng et al. 2025, min-form credit assignment): a step is worth
     no more than the weakest step it builds on, so everything after the first doubtful step is
     down-weighted, while the steps before it keep their own scores.
+
+**Span weights** (``--span-weights steps=W1,answer=W2``, any mode; SAD, arXiv 2505.13820, weights
+reasoning and answer spans apart): the *answer span* is the record's last step (every task's prompt
+asks for the answer at the end: arith's ``Answer: N`` line, a ``\boxed{}`` or ``(X)`` last paragraph),
+the *reasoning spans* every step before it; a record of one step is all answer. Each step's weight (1,
+or the PAD rule's) is multiplied by ``W2`` for the answer span and by ``W1`` for the others, and the
+end-of-turn token, which closes the last step, takes the answer's. Under the step -> token rule a
+token straddling the boundary belongs to the step it starts in: with the tiny model's tokenizer the
+one token ``"\nAnswer: "`` starts after the last equation, so the answer span is the answer's digits
+and the end-of-turn token.
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["PAD_WEIGHTINGS", "pad_step_weights", "problem_baselines", "step_weights"]
+__all__ = ["PAD_WEIGHTINGS", "apply_span_weights", "pad_step_weights", "problem_baselines", "step_weights"]
 
 PAD_WEIGHTINGS = ("score", "advantage", "min")
 
@@ -81,3 +91,18 @@ def step_weights(records: Sequence[dict[str, Any]], mode: str, rule: str = "scor
     baselines = problem_baselines(records) if rule == "advantage" else {}
     return [pad_step_weights(r["step_scores"], rule, baseline=baselines.get(r["problem_id"]), clip=clip)
             for r in records]
+
+
+def apply_span_weights(weights: list[float] | None, num_steps: int,
+                       span_weights: dict[str, float] | None) -> list[float] | None:
+    """Per-step ``weights`` (``None``: all 1) times the span weights (see the module docstring):
+    ``span_weights["answer"]`` on the last step, ``span_weights["steps"]`` on the others. ``None``
+    ``span_weights`` returns ``weights`` unchanged.
+
+    >>> apply_span_weights(None, 3, {"steps": 0.5, "answer": 2.0})
+    [0.5, 0.5, 2.0]
+    """
+    if span_weights is None or num_steps == 0:
+        return weights
+    base = [1.0] * num_steps if weights is None else list(weights)
+    return [w * span_weights["steps"] for w in base[:-1]] + [base[-1] * span_weights["answer"]]

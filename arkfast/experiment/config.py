@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["DATA_KEYS", "STUDENTS", "ExperimentConfig"]
+__all__ = ["ABLATIONS", "DATA_KEYS", "DISTILL_ARGV", "REFINE_EVALS", "SPAN_WEIGHTS", "STUDENTS", "ExperimentConfig"]
 
 # The trained systems: name -> (distill mode, what it is trained on).
 STUDENTS = {
@@ -21,10 +21,30 @@ STUDENTS = {
                             "one per problem in turn, until R-SFT's token count is reached")),
     "rft-compute": ("da", ("RFT matched to DA in generation compute: agents x rounds single-agent samples per "
                            "problem, distinct correct ones kept as DA keeps them")),
+    "graph": ("graph", ("graph-supervised (MAGDi): next-token loss on the right answers of pad.jsonl, margin "
+                        "ranking and a correctness head on the pooled states of each problem's right vs wrong ones")),
+    "graph-nt": ("graph", ("the graph rows with both terms off (--graph-margin-weight 0 --graph-node-weight 0): "
+                           "next-token loss on the right answers only, the wrong ones context: the graph terms' control")),
+    "correct": ("correct", ("R-SFT + self-correction: rsft.jsonl and the committee's revisions of its own drafts "
+                            "into right answers (correct.jsonl: wrong -> right and right -> right); evaluated in "
+                            "one pass and with self-refine")),
+    "rsft-span": ("rsft", "R-SFT with span weights (reasoning steps and answer weighted apart, SPAN_WEIGHTS)"),
 }
 
 # The matched control of each debate-trained student.
-CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute"}
+CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute", "graph": "rft-compute",
+            "correct": "rft-compute", "rsft-span": "rft-tokens"}
+# Paired differences that isolate one change: (method, reference).
+ABLATIONS = (("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "graph-nt"),
+             ("graph", "da"))
+# The span weights of the rsft-span row (distill's --span-weights): the answer span twice the steps.
+SPAN_WEIGHTS = "steps=1,answer=2"
+# Systems also evaluated with generate --protocol self-refine (their row: "<system>-refine").
+REFINE_EVALS = ("correct",)
+# More distill flags per system. The self-correction student also learns to keep a right draft
+# (continues): trained on corrections alone, it would learn that every draft it is shown is wrong.
+DISTILL_ARGV = {"rsft-span": ["--span-weights", SPAN_WEIGHTS], "correct": ["--continues"],
+                "graph-nt": ["--graph-margin-weight", "0", "--graph-node-weight", "0"]}
 
 DATA_KEYS = ("model", "train_problems", "test_problems", "agents", "rounds", "sc_agents", "rft_samples",
              "temperature", "max_per_problem", "epochs", "lr", "row_tokens", "pad_weighting", "prm_label_limit",

@@ -58,7 +58,9 @@ def baseline_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def student_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train ``job["system"]`` with ``job["seed"]`` (distill, resumable) and evaluate it with each seed
-    of ``job["eval_seeds"]``. Returns ``{"system", "seed", "train": {...}, "evals": {seed: {...}}}``."""
+    of ``job["eval_seeds"]`` (and, with ``job["refine"]``, also with ``generate --protocol self-refine``:
+    ``refine_evals``). ``job["distill_argv"]``: more distill flags. Returns ``{"system", "seed",
+    "train": {...}, "evals": {seed: {...}}}``."""
     import torch
 
     from arkfast import distill
@@ -76,15 +78,24 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
                 "--threads", str(job["threads"]), "--no-progress", "--no-tensorboard", "--resume"]
         if job["mode"] == "pad":
             argv += ["--pad-weighting", job["pad_weighting"]]
+        argv += job.get("distill_argv", [])
         result = distill.main(argv)
         train = {"steps": result["steps_done"], "examples": result["data"]["examples"],
                  "data_tokens": result["data"]["tokens"], "train_tokens": result["train_tokens"],
                  "train_seconds": round(result["train_seconds"], 2), "final_loss": result["final_loss"],
                  "wall_seconds": round(time.perf_counter() - t0, 2), "student": result["model"]}
-        evals = {}
+        evals, refine = {}, {}
         for seed in job["eval_seeds"]:
             path = out / f"eval-s{seed}"
             evals[str(seed)] = evaluation(eval_argv(result["model"], path, seed=seed, problems=job["test_problems"],
                                                     temperature=job["temperature"]), path)
-    return {"system": job["system"], "seed": job["seed"], "train": train, "evals": evals,
-            "job_seconds": round(time.perf_counter() - t_job, 2)}
+            if job.get("refine"):  # the same student drafting, then revising its draft (2 calls)
+                path = out / f"refine-s{seed}"
+                refine[str(seed)] = evaluation(eval_argv(result["model"], path, seed=seed,
+                                                         problems=job["test_problems"], temperature=job["temperature"],
+                                                         protocol="self-refine"), path)
+    out_dict = {"system": job["system"], "seed": job["seed"], "train": train, "evals": evals,
+                "job_seconds": round(time.perf_counter() - t_job, 2)}
+    if job.get("refine"):
+        out_dict["refine_evals"] = refine
+    return out_dict

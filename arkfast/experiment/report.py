@@ -24,7 +24,7 @@ from typing import Any
 
 from arkfast.generate import write_json_atomic
 
-from .config import CONTROLS, ExperimentConfig
+from .config import ABLATIONS, CONTROLS, SPAN_WEIGHTS, ExperimentConfig
 from .stats import mean_std, normal_interval, paired_interval, t_interval, wilson_interval
 
 __all__ = ["machine", "write_report"]
@@ -32,7 +32,10 @@ __all__ = ["machine", "write_report"]
 TIME_TARGET_S = 30 * 60
 LABELS = {"base": "base model alone", "self-consistency": "self-consistency@{sc}", "debate": "debate {a}x{r} (committee)",
           "rft-tokens": "RFT, R-SFT's training tokens", "rft-compute": "RFT, DA's generation compute",
-          "rsft": "R-SFT", "da": "DA", "pad": "PAD"}
+          "rsft": "R-SFT", "da": "DA", "pad": "PAD", "graph": "graph-supervised (MAGDi-style)",
+          "graph-nt": "graph rows, terms off (next-token only)",
+          "correct": "R-SFT + self-correction, one pass", "correct-refine": "R-SFT + self-correction, self-refine",
+          "rsft-span": "R-SFT, span-weighted ({span})", "self-refine": "base model + self-refine"}
 
 
 def machine() -> str:
@@ -184,11 +187,11 @@ def _targets(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]],
     if students and committee:
         best = max(students, key=lambda r: r["accuracy"])
         met = best["accuracy"] >= committee["accuracy"]
-        lines.append(f"Target 1 {'met' if met else 'missed'}: the best student of the debates, {LABELS[best['system']]}, scores "
+        lines.append(f"Target 1 {'met' if met else 'missed'}: the best student of the debates, {best['label']}, scores "
                      f"{_pct(best['accuracy'])}% against the committee's {_pct(committee['accuracy'])}% "
                      f"({'+' if met else ''}{100 * (best['accuracy'] - committee['accuracy']):.1f} points).")
     for c in comparisons:
-        name, control = LABELS[c["method"]], LABELS[c["control"]]
+        name, control = rows[c["method"]]["label"], rows[c["control"]]["label"]
         d, iv = 100 * c["difference"], c["interval_seeds"]
         if iv is None:
             lines.append(f"Target 2, {name}: not decided, one seed only ({d:+.1f} points vs {control}).")
@@ -208,6 +211,33 @@ def _targets(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]],
     return lines
 
 
+def _self_correction(root: Path, markers: dict[str, dict[str, Any]], rows: dict[str, dict[str, Any]]) -> list[dict]:
+    """Draft -> revised accuracy on the test split: the committee (round-1 majority -> round-2 majority
+    of the debate), the base model and the self-correction student under self-refine (the draft is the
+    agent's round-1 answer, the revision its round-2 one; a student is averaged over its seeds and
+    evaluations)."""
+    out = []
+    summary = root / "test" / "debate" / "summary.json"
+    if "test-debate" in markers and summary.is_file():
+        by_round = json.loads(summary.read_text())["majority_accuracy_by_round"]
+        if len(by_round) >= 2:
+            out.append({"system": "debate", "draft": by_round[0], "revised": by_round[-1], "calls": rows["debate"]
+                        ["calls_per_problem"] if "debate" in rows else None})
+    if "test-self-refine" in markers:
+        r = markers["test-self-refine"]["result"]
+        out.append({"system": "self-refine", "draft": r["first_agent_correct"] / r["problems"],
+                    "revised": r["correct"] / r["problems"], "calls": r["calls"] / r["problems"]})
+    for name, row in rows.items():
+        if row["kind"] != "student" or not name.endswith("-refine"):
+            continue
+        system = name.removesuffix("-refine")
+        evals = [e for k in row["seeds"] for e in markers[f"student-{system}-seed{k}"]["result"]["refine_evals"].values()]
+        n = sum(e["problems"] for e in evals)
+        out.append({"system": name, "draft": sum(e["first_agent_correct"] for e in evals) / n,
+                    "revised": sum(e["correct"] for e in evals) / n, "calls": sum(e["calls"] for e in evals) / n})
+    return out
+
+
 def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str], missing: dict[str, str], *,
                  invocation_seconds: float) -> dict[str, Any]:
     """Build the rows from the markers under ``root`` and write ``experiment.json`` and ``experiment.md``.
@@ -217,7 +247,8 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
     base = [markers[f"test-base-s{s}"] for s in range(cfg.eval_seeds) if f"test-base-s{s}" in markers]
     if base:
         rows["base"] = _baseline_row("base", base)
-    for system, name in (("self-consistency", "test-self-consistency"), ("debate", "test-debate")):
+    for system, name in (("self-consistency", "test-self-consistency"), ("debate", "test-debate"),
+                         ("self-refine", "test-self-refine")):
         if name in markers:
             rows[system] = _baseline_row(system, [markers[name]])
     debate_tokens = markers["train-debates"]["result"]["completion_tokens"] if "train-debates" in markers else None
@@ -225,14 +256,21 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
     label_tokens = (markers["prm-label"]["result"].get("this_run", {}).get("generated_tokens", 0)
                     if "prm-label" in markers else 0)
     generation = {"rsft": debate_tokens, "da": debate_tokens, "rft-tokens": rft_tokens, "rft-compute": rft_tokens,
-                  "pad": None if debate_tokens is None else debate_tokens + label_tokens}
-    for system in ("rft-tokens", "rft-compute", "rsft", "da", "pad"):
+                  "pad": None if debate_tokens is None else debate_tokens + label_tokens,
+                  "graph": debate_tokens, "graph-nt": debate_tokens, "correct": debate_tokens, "correct-refine": debate_tokens,
+                  "rsft-span": debate_tokens}
+    for system in ("rft-tokens", "rft-compute", "rsft", "da", "pad", "graph", "graph-nt", "correct", "rsft-span"):
         done = [markers[f"student-{system}-seed{k}"] for k in range(cfg.seeds) if f"student-{system}-seed{k}" in markers]
         if done and system in cfg.systems:
             rows[system] = _student_row(system, done, generation[system])
+        refined = [{**m, "result": {**m["result"], "evals": m["result"]["refine_evals"]}} for m in done
+                   if m["result"].get("refine_evals")]
+        if refined and system in cfg.systems:  # the same students, drafting then revising (self-refine)
+            rows[f"{system}-refine"] = _student_row(f"{system}-refine", refined, generation[f"{system}-refine"])
     comparisons = [_comparison(rows[m], rows[c]) for m, c in CONTROLS.items() if m in rows and c in rows]
+    ablations = [_comparison(rows[m], rows[c]) for m, c in ABLATIONS if m in rows and c in rows]
     for r in rows.values():
-        r["label"] = LABELS[r["system"]].format(sc=cfg.sc_agents, a=cfg.agents, r=cfg.rounds)
+        r["label"] = LABELS[r["system"]].format(sc=cfg.sc_agents, a=cfg.agents, r=cfg.rounds, span=SPAN_WEIGHTS)
 
     stage_rows = [{"stage": name, "seconds": m["seconds"], "finished_at": m["finished_at"]}
                   for name, m in sorted(markers.items(), key=lambda kv: kv[1]["finished_at"])]
@@ -245,7 +283,9 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
         "config": {**cfg.data_settings(model), "seeds": cfg.seeds, "eval_seeds": cfg.eval_seeds,
                    "systems": list(cfg.systems), "jobs": cfg.jobs, "threads_per_job": cfg.threads_per_job()},
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values()],
-        "comparisons": comparisons, "stages": stage_rows, "wall_seconds": total_s, "missing": missing,
+        "comparisons": comparisons, "ablations": ablations, "self_correction": _self_correction(root, markers, rows),
+        "graphs": markers.get("graphs", {}).get("result"),
+        "stages": stage_rows, "wall_seconds": total_s, "missing": missing,
         "reused_train_debates": markers.get("train-debates", {}).get("result", {}).get("reused_records"),
         "load_average": os.getloadavg(),
     }
@@ -261,7 +301,7 @@ def write_report(root: Path, cfg: ExperimentConfig, model: str, argv: list[str],
 def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
     """The report for people: the table, the paired differences, the targets, the stage times."""
     c = result["config"]
-    names = {k: v.format(sc=cfg.sc_agents, a=cfg.agents, r=cfg.rounds) for k, v in LABELS.items()}
+    names = {k: v.format(sc=cfg.sc_agents, a=cfg.agents, r=cfg.rounds, span=SPAN_WEIGHTS) for k, v in LABELS.items()}
     out = ["# Experiment: one student vs the committee on `arith`", "",
            f"- command: `{result['command']}`", f"- machine: {result['machine']}",
            f"- commit: {result['commit']}; written {result['written_at']}",
@@ -290,6 +330,29 @@ def format_markdown(result: dict[str, Any], cfg: ExperimentConfig) -> str:
             out.append(f"| {names[cmp['method']]} | {names[cmp['control']]} | {len(cmp['seeds'])} | "
                        f"{100 * cmp['difference']:+.1f} | {_interval(cmp['interval_seeds'])} | "
                        f"{_interval(cmp['interval_problems'])} | {'yes' if cmp['beats'] else 'no'} |")
+    if result.get("ablations"):
+        out += ["", "Paired differences isolating one change (method − reference, accuracy points):", "",
+                "| method | reference | seeds | difference | 95% interval (seeds) | 95% interval (problems) |",
+                "|---|---|---|---|---|---|"]
+        for cmp in result["ablations"]:
+            out.append(f"| {names[cmp['method']]} | {names[cmp['control']]} | {len(cmp['seeds'])} | "
+                       f"{100 * cmp['difference']:+.1f} | {_interval(cmp['interval_seeds'])} | "
+                       f"{_interval(cmp['interval_problems'])} |")
+    if result.get("self_correction"):
+        out += ["", "Draft -> revised on the test split (the committee: round-1 majority -> round-2 majority):", "",
+                "| system | calls / problem | draft % | revised % | gain (points) |", "|---|---|---|---|---|"]
+        for r in result["self_correction"]:
+            calls = "—" if r["calls"] is None else f"{r['calls']:.0f}"
+            out.append(f"| {names.get(r['system'], r['system'])} | {calls} | {_pct(r['draft'])} | {_pct(r['revised'])} | "
+                       f"{100 * (r['revised'] - r['draft']):+.1f} |")
+    graphs = result.get("graphs")
+    if graphs:
+        from arkfast.trajectories.graphs import format_graph_stats
+
+        kinds = graphs["correct"]
+        out += ["", ("The train debates as interaction graphs (`trajectories/graphs.jsonl`; self-correction records "
+                     f"`correct.jsonl`: {kinds['corrects']:,} corrects, {kinds['continues']:,} continues):"), "", "```",
+                format_graph_stats(graphs["graphs"]), "```"]
     out += ["", *[f"- {line}" for line in result["targets"]]]
     if result["missing"]:
         out += ["", "Missing or incomplete rows:", "", *[f"- {names.get(k, k)}: {v}" for k, v in result["missing"].items()]]

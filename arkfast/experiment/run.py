@@ -6,13 +6,14 @@ Experiment folder (default ``runs/experiment/``)::
     stages/<stage>.json         finished-stage markers (result, seconds); stages.jsonl: the log
     train-debates/              debates of the first N train problems (copied from runs/arith-train when
                                 that run has them, the rest generated)
-    trajectories/               rsft / da / pad .jsonl from those debates
-    test/base-s<S>/, test/self-consistency/, test/debate/      the baselines on the test split
+    trajectories/               rsft / da / pad / correct .jsonl and graphs.jsonl from those debates
+    test/base-s<S>/, test/self-consistency/, test/debate/, test/self-refine/   the baselines on the test split
     rft-samples/                rft_samples single-agent samples per train problem (self-consistency)
     rft-trajectories/           their distinct correct ones (DA's rules): the compute-matched RFT set (da.jsonl)
     rft-tokens/rft.jsonl        the training-token-matched RFT set, drawn from the same samples
     prm/                        labels.jsonl, model/, scored/pad.jsonl (python -m arkfast.prm)
-    students/<system>/seed-<K>/ train/ (distill output), eval-s<S>/ (generate output), log.txt
+    students/<system>/seed-<K>/ train/ (distill output), eval-s<S>/ (generate output; refine-s<S>/ for
+                                self-refine), log.txt
     experiment.json, experiment.md
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from arkfast.generate import write_json_atomic
 
-from .config import STUDENTS, ExperimentConfig
+from .config import DISTILL_ARGV, REFINE_EVALS, STUDENTS, ExperimentConfig
 from .report import write_report
 from .stages import StageLog
 
@@ -188,8 +189,21 @@ class _Experiment:
                     "model": self.model, "output": str(self.root / "students" / system / f"seed-{seed}"),
                     "epochs": cfg.epochs, "lr": cfg.lr, "row_tokens": cfg.row_tokens,
                     "pad_weighting": cfg.pad_weighting, "threads": cfg.threads_per_job(), "eval_seeds": todo,
-                    "test_problems": cfg.test_problems, "temperature": cfg.temperature}))
+                    "test_problems": cfg.test_problems, "temperature": cfg.temperature,
+                    "distill_argv": DISTILL_ARGV.get(system, []),
+                    "refine": system in REFINE_EVALS}))
         return jobs
+
+    def graphs(self) -> dict[str, Any]:
+        """The train debates' interaction-graph statistics and self-correction counts
+        (``trajectories/graphs.jsonl``, ``correct.jsonl``); the trajectories are rebuilt (the same bytes
+        for the R-SFT, DA and PAD sets) when an earlier stage made them before those files existed."""
+        out = self.root / "trajectories"
+        stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+        if "graphs" not in stats or not (out / "correct.jsonl").is_file():
+            self.trajectories(self.root / "train-debates" / "debates.jsonl", out)
+            stats = json.loads((out / "stats.json").read_text())
+        return {"graphs": stats["graphs"], "correct": stats["correct"]}
 
     def run(self) -> dict[str, Any]:
         import torch
@@ -218,14 +232,24 @@ class _Experiment:
         baselines = [(f"test-base-s{s}", "single", 1, 1, s) for s in range(cfg.eval_seeds)]
         baselines += [("test-self-consistency", "self-consistency", cfg.sc_agents, 1, 0),
                       ("test-debate", "debate", cfg.agents, cfg.rounds, 0)]
+        if set(REFINE_EVALS) & set(cfg.systems):  # the base model drafting and revising alone
+            baselines.append(("test-self-refine", "self-refine", 1, 2, 0))
         for name, protocol, agents, rounds, seed in baselines:
             out = root / "test" / name.removeprefix("test-")
             jobs.submit(name, baseline_job, {
                 "output": str(out), "threads": cfg.threads_per_job(),
                 "argv": eval_argv(self.model, out, seed=seed, problems=cfg.test_problems, temperature=cfg.temperature,
                                   protocol=protocol, agents=agents, rounds=rounds)})
-        data: dict[str, list[str]] = {"rsft": [str(root / "trajectories" / "rsft.jsonl")],
-                                      "da": [str(root / "trajectories" / "da.jsonl")]}
+        traj = root / "trajectories"
+        data: dict[str, list[str]] = {"rsft": [str(traj / "rsft.jsonl")], "da": [str(traj / "da.jsonl")],
+                                      "rsft-span": [str(traj / "rsft.jsonl")]}
+        if {"graph", "graph-nt", "correct"} & set(cfg.systems):
+            graphs = st.run("graphs", self.graphs)["result"]
+            data["graph"] = data["graph-nt"] = [str(traj / "pad.jsonl")]
+            if graphs["correct"]["records"]:
+                data["correct"] = [str(traj / "rsft.jsonl"), str(traj / "correct.jsonl")]
+            elif "correct" in cfg.systems:
+                self.missing["correct"] = "the train debates hold no usable wrong -> right or right -> right transition"
         if {"rft-tokens", "rft-compute"} & set(cfg.systems):
             st.run("rft-samples", self.rft_samples)
             st.run("rft-trajectories", lambda: self.trajectories(root / "rft-samples" / "debates.jsonl",
@@ -281,6 +305,8 @@ class _Jobs:
         marker = self.x.stages.finished(name)
         if marker is not None and "evals" in result:  # more evaluation seeds for a finished student
             result["evals"] = {**marker["result"]["evals"], **result["evals"]}
+            if "refine_evals" in result:
+                result["refine_evals"] = {**marker["result"].get("refine_evals", {}), **result["refine_evals"]}
         self.x.stages.mark(name, result, result["job_seconds"])
         if "evals" in result:
             accs = ", ".join(f"{100 * e['accuracy']:.1f}%" for e in result["evals"].values())

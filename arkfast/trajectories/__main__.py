@@ -3,8 +3,10 @@
     python -m arkfast.trajectories                  # debates of the arith train split (generated if missing)
     python -m arkfast.trajectories --debates runs/x/debates.jsonl --output runs/x/trajectories --model DIR
 
-Writes ``rsft.jsonl``, ``da.jsonl``, ``pad.jsonl`` (each atomically: a temp file, fsync, rename) and
-``stats.json``, and prints the counts per set and the candidates skipped per reason. The whole build
+Writes ``rsft.jsonl``, ``da.jsonl``, ``pad.jsonl``, the self-correction records ``correct.jsonl``
+(:mod:`.correction`), the interaction graphs ``graphs.jsonl`` (:mod:`.graphs`; each file atomically: a
+temp file, fsync, rename) and ``stats.json``, and prints the counts per set, the candidates skipped per
+reason and the graph statistics (transitions, majority adoption and flips, metric freedom). The whole build
 takes seconds, so a rerun rebuilds from scratch (deterministically: same inputs and flags, same files).
 Selection rules: :mod:`arkfast.trajectories.build`; record schema: :mod:`arkfast.trajectories.schema`;
 ``docs/trajectories.md``.
@@ -15,9 +17,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from arkfast.cli import POSITIVE_INT, run_cli
+from arkfast.cli import NON_NEGATIVE_INT, POSITIVE_INT, run_cli
 
 from .build import SETS, SKIP_REASONS, BuildConfig, build_sets, load_debates
+from .correction import TRANSITION_KINDS, correction_records
+from .graphs import build_graphs, format_graph_stats
 from .schema import tokenizer_fingerprint, write_trajectories
 from .steps import default_step_mode, validate_step_mode
 
@@ -36,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m arkfast.trajectories",
         description="Build the R-SFT, DA and PAD training sets from debates.jsonl files: write rsft.jsonl, "
-                    "da.jsonl, pad.jsonl (single-agent round-1 prompts, segmented steps) and stats.json.")
+                    "da.jsonl, pad.jsonl (single-agent round-1 prompts, segmented steps), the self-correction "
+                    "records correct.jsonl, the interaction graphs graphs.jsonl and stats.json; print the "
+                    "transition, majority and metric-freedom (Mantel) statistics.")
     p.add_argument("--debates", nargs="+", metavar="FILE", default=None,
                    help="debates.jsonl files from python -m arkfast.generate, each problem in one of them "
                         "(default: runs/arith-train/debates/debates.jsonl, generated first with "
@@ -56,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "trajectories; the most preferred (later round, then seeded agent order) are kept "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, metavar="S", default=0,
-                   help="seed of the per-problem agent order that breaks ties (default: %(default)s)")
+                   help="seed of the per-problem agent order that breaks ties, and of the Mantel test's "
+                        "permutations (default: %(default)s)")
+    p.add_argument("--mantel-permutations", type=NON_NEGATIVE_INT, metavar="K", default=199,
+                   help="relabellings per problem in the metric-freedom Mantel test, 0: no test "
+                        "(default: %(default)s)")
     return p
 
 
@@ -118,6 +128,19 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    """``records`` as JSON lines, atomically (a temp file in the same folder, fsync'd, renamed)."""
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the stats it wrote."""
     args = build_parser().parse_args(argv)
@@ -137,19 +160,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     debates, notes = load_debates(paths)
     with tqdm(total=len(debates), unit="problem", desc="trajectories", dynamic_ncols=True) as bar:
         sets, counts = build_sets(debates, tokenizer, config, progress=bar)
+    fingerprint, tasks = tokenizer_fingerprint(tokenizer), {}
+    corrections = [c for where, record in debates
+                   for c in correction_records(record, where, tokenizer, fingerprint, args.steps, counts, tasks)]
+    with tqdm(total=len(debates), unit="problem", desc="graphs", dynamic_ncols=True) as bar:
+        graphs, graph_stats = build_graphs(debates, permutations=args.mantel_permutations, seed=args.seed,
+                                           step_mode=args.steps, progress=bar)
 
     out.mkdir(parents=True, exist_ok=True)
     for name in SETS:
         write_trajectories(out / f"{name}.jsonl", sets[name])
+    write_trajectories(out / "correct.jsonl", corrections)
+    write_jsonl_atomic(out / "graphs.jsonl", graphs)
     tasks = sorted({record["task"] for _, record in debates})
     stats = {**stats_of(counts, sets), **notes,
              "debates": [str(p) for p in paths], "output": str(out), "tokenizer": tokenizer_fingerprint(tokenizer),
              "tokenizer_path": tokenizer_path,
              "step_modes": {t: args.steps or default_step_mode(t) for t in tasks},
-             "config": {"max_per_problem": config.max_per_problem, "steps": config.step_mode, "seed": config.seed}}
+             "config": {"max_per_problem": config.max_per_problem, "steps": config.step_mode, "seed": config.seed,
+                        "mantel_permutations": args.mantel_permutations},
+             "correct": {"records": len(corrections), **{k: counts[f"correct.{k}"] for k in TRANSITION_KINDS},
+                         "duplicate": counts["correct.duplicate"]},
+             "graphs": graph_stats}
     write_json_atomic(out / "stats.json", stats)
     print(format_stats(stats))
-    print(f"wrote {', '.join(str(out / f'{n}.jsonl') for n in SETS)} and {out / 'stats.json'}")
+    c = stats["correct"]
+    print(f"correct  {c['records']:,} self-correction records: corrects {c['corrects']:,}, continues "
+          f"{c['continues']:,} (duplicate {c['duplicate']:,})\n")
+    print(format_graph_stats(graph_stats))
+    names = [*SETS, "correct", "graphs"]
+    print(f"wrote {', '.join(str(out / f'{n}.jsonl') for n in names)} and {out / 'stats.json'}")
     return stats
 
 

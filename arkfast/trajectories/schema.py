@@ -17,6 +17,9 @@ One JSON object per line::
     tokenizer    str    :func:`tokenizer_fingerprint` of the tokenizer the steps were checked against
     meta         dict   optional: task extras (the arith reference solution, ...)
     score_min, score_prod  float in [0, 1], optional: trajectory scores written with step_scores
+    draft, transition  optional, together: a self-correction record (correct.jsonl,
+                        :mod:`arkfast.trajectories.correction`): the round-r turn it revises and
+                        "corrects" | "continues"
 
 A stage that tokenizes the records passes its tokenizer to :func:`read_trajectories`, which refuses a
 file made for another one (token spans and prompt ids would silently differ).
@@ -128,6 +131,15 @@ def validate_record(record: Any, *, require_step_scores: bool = False) -> tuple[
         return "step_scores", f"{len(scores)} scores for {len(steps)} steps"
     if "meta" in record and not isinstance(record["meta"], dict):
         return "meta", f"expected an object, got {record['meta']!r}"
+    if "transition" in record or "draft" in record:  # a self-correction record (correct.jsonl)
+        if record.get("transition") not in ("corrects", "continues"):
+            return "transition", f"expected 'corrects' or 'continues', got {record.get('transition')!r}"
+        draft = record.get("draft")
+        if not (isinstance(draft, dict) and isinstance(draft.get("response"), str)
+                and (draft.get("answer") is None or isinstance(draft.get("answer"), str))
+                and isinstance(draft.get("correct"), bool) and _is_int(draft.get("round")) and draft["round"] >= 1):
+            return "draft", ("expected {\"response\": str, \"answer\": str or null, \"correct\": bool, "
+                             f"\"round\": int >= 1}}, got {str(draft)[:80]}")
     for name in ("score_min", "score_prod"):
         if name in record and record[name] is not None and not _is_prob(record[name]):
             return name, f"expected a number in [0, 1], got {record[name]!r}"
