@@ -1,4 +1,4 @@
-"""Triton kernels with their torch references, installed as ``arkfast.kernels``.
+"""Triton kernels with their torch references: ``arkfast.kernels``.
 
 Usable on its own (it imports only torch and triton). Every op dispatches the same way: on CUDA
 tensors the Triton kernel runs, on CPU tensors the torch reference; ``force_triton()`` runs the kernels
@@ -14,78 +14,69 @@ A loaded transformers Llama / Qwen2 / Qwen3 / Mistral model takes them all at on
 training op launches its kernel as a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)``
 keeps each as one node.
 """
-# This folder is installed as ``arkfast.kernels``. Run from the repository root (``python -m pytest``
-# puts the working directory on sys.path) it is also importable as a top-level ``kernels``: the name of
-# an unrelated PyPI package that transformers probes for, and imports when it finds no metadata for it.
-# Executed a second time under that name, every module would register its torch.library custom ops
-# again, over the first registration, with a second copy of the dispatch state. Under that name the
-# folder therefore defines nothing (transformers then sees no version and no hub kernels).
-if __name__ == "kernels":
-    __all__: list[str] = []
-else:
-    from ._dispatch import force_reference, force_triton, use_triton
-    from .cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
-    from .cpu_decode_attention import cpu_decode_attention, plan_cpu_decode
-    from .decode_attention import (
-        DecodePlan,
-        decode_attention,
-        paged_decode_attention,
-        paged_decode_attention_reference,
-        plan_decode,
-    )
-    from .fused_linear_weighted_cross_entropy import (
-        FusedLinearWeightedCrossEntropy,
-        fused_linear_weighted_cross_entropy,
-        fused_linear_weighted_cross_entropy_reference,
-    )
-    from .hf_patch import SUPPORTED_MODEL_TYPES, patch_hf_model, unpatch_hf_model
-    from .merge_states import merge_state, merge_states, merge_states_reference
-    from .paged_kv import allocate_kv_cache, gather_kv_reference, write_kv_cache, write_kv_cache_reference
-    from .prefill_attention import (
-        prefill_attention,
-        prefill_attention_reference,
-        varlen_attention,
-        varlen_attention_reference,
-    )
-    from .rms_norm import rms_norm, rms_norm_reference
-    from .rope import apply_rope, apply_rope_reference, rope_inv_freq
-    from .swiglu import swiglu, swiglu_reference
+from ._dispatch import force_reference, force_triton, use_triton
+from .cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
+from .cpu_decode_attention import cpu_decode_attention, plan_cpu_decode
+from .decode_attention import (
+    DecodePlan,
+    decode_attention,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    plan_decode,
+)
+from .fused_linear_weighted_cross_entropy import (
+    FusedLinearWeightedCrossEntropy,
+    fused_linear_weighted_cross_entropy,
+    fused_linear_weighted_cross_entropy_reference,
+)
+from .hf_patch import SUPPORTED_MODEL_TYPES, patch_hf_model, unpatch_hf_model
+from .merge_states import merge_state, merge_states, merge_states_reference
+from .paged_kv import allocate_kv_cache, gather_kv_reference, write_kv_cache, write_kv_cache_reference
+from .prefill_attention import (
+    prefill_attention,
+    prefill_attention_reference,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from .rms_norm import rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference, rope_inv_freq
+from .swiglu import swiglu, swiglu_reference
 
-    __all__ = [
-        "SUPPORTED_MODEL_TYPES",
-        "DecodePlan",
-        "FusedLinearWeightedCrossEntropy",
-        "allocate_kv_cache",
-        "apply_rope",
-        "apply_rope_reference",
-        "cascade_decode_attention",
-        "cascade_decode_attention_reference",
-        "cpu_decode_attention",
-        "decode_attention",
-        "force_reference",
-        "force_triton",
-        "fused_linear_weighted_cross_entropy",
-        "fused_linear_weighted_cross_entropy_reference",
-        "gather_kv_reference",
-        "merge_state",
-        "merge_states",
-        "merge_states_reference",
-        "paged_decode_attention",
-        "paged_decode_attention_reference",
-        "patch_hf_model",
-        "plan_cpu_decode",
-        "plan_decode",
-        "prefill_attention",
-        "prefill_attention_reference",
-        "rms_norm",
-        "rms_norm_reference",
-        "rope_inv_freq",
-        "swiglu",
-        "swiglu_reference",
-        "unpatch_hf_model",
-        "use_triton",
-        "varlen_attention",
-        "varlen_attention_reference",
-        "write_kv_cache",
-        "write_kv_cache_reference",
-    ]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "DecodePlan",
+    "FusedLinearWeightedCrossEntropy",
+    "allocate_kv_cache",
+    "apply_rope",
+    "apply_rope_reference",
+    "cascade_decode_attention",
+    "cascade_decode_attention_reference",
+    "cpu_decode_attention",
+    "decode_attention",
+    "force_reference",
+    "force_triton",
+    "fused_linear_weighted_cross_entropy",
+    "fused_linear_weighted_cross_entropy_reference",
+    "gather_kv_reference",
+    "merge_state",
+    "merge_states",
+    "merge_states_reference",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "patch_hf_model",
+    "plan_cpu_decode",
+    "plan_decode",
+    "prefill_attention",
+    "prefill_attention_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope_inv_freq",
+    "swiglu",
+    "swiglu_reference",
+    "unpatch_hf_model",
+    "use_triton",
+    "varlen_attention",
+    "varlen_attention_reference",
+    "write_kv_cache",
+    "write_kv_cache_reference",
+]
