@@ -17,20 +17,29 @@ from .weights import PAD_WEIGHTINGS
 
 __all__ = ["MODES", "PRECISIONS", "DistillConfig", "default_data", "load_config_file"]
 
-MODES = ("rsft", "da", "pad")
+MODES = ("rsft", "da", "pad", "grpo")
 PRECISIONS = ("fp32", "bf16")
 
 # Settings whose change alters the loss curve: a resumed run must use the same ones.
 CURVE_KEYS = ("mode", "model", "pad_weighting", "pad_clip", "epochs", "steps", "row_tokens", "batch_rows",
               "micro_batch_rows", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "eps",
               "grad_clip", "seed", "precision", "gradient_checkpointing", "threads")
+# ... and those of --mode grpo, part of its runs' settings only (other modes' checkpoints stay as they were)
+GRPO_CURVE_KEYS = ("prm", "grpo_group", "grpo_prompts", "grpo_updates", "grpo_temperature", "grpo_max_tokens",
+                   "grpo_credit", "grpo_softmin_temperature", "grpo_advantage", "grpo_clip", "grpo_kl",
+                   "grpo_prm_coef", "grpo_outcome_coef")
+GRPO_DEFAULT_STEPS = 100
 
 
 def default_data(mode: str, root: str | Path | None = None) -> Path:
     """The default training file of ``mode`` under ``runs/arith-train/``: ``trajectories/<mode>.jsonl``
-    for ``rsft``/``da``, the PRM-scored ``prm/scored/pad.jsonl`` for ``pad``."""
+    for ``rsft``/``da``, the PRM-scored ``prm/scored/pad.jsonl`` for ``pad``, and for ``grpo`` (which
+    reads only the problems: prompts and gold answers) ``trajectories/pad.jsonl``, every problem with a
+    trajectory, right or wrong."""
     from arkfast.workflow import stage_dir
 
+    if mode == "grpo":
+        return stage_dir("trajectories", root) / "pad.jsonl"
     if mode == "pad":
         return stage_dir("prm", root) / "scored" / "pad.jsonl"
     return stage_dir("trajectories", root) / f"{mode}.jsonl"
@@ -95,6 +104,20 @@ class DistillConfig:
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
+    # --mode grpo (online RL on engine rollouts; arkfast.distill.grpo_run)
+    prm: str | None = None
+    grpo_group: int = 8
+    grpo_prompts: int = 8
+    grpo_updates: int = 2
+    grpo_temperature: float = 1.0
+    grpo_max_tokens: int | None = None
+    grpo_credit: str = "min"
+    grpo_softmin_temperature: float = 0.1
+    grpo_advantage: str = "rloo"
+    grpo_clip: float = 0.2
+    grpo_kl: float = 0.001
+    grpo_prm_coef: float = 1.0
+    grpo_outcome_coef: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
@@ -138,6 +161,9 @@ class DistillConfig:
         for name in ("resume", "eval_at_start", "gradient_checkpointing", "tensorboard", "plot", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
+        from .rewards import check_grpo_settings
+
+        check_grpo_settings(self)
 
     @property
     def accumulation(self) -> int:
@@ -157,8 +183,11 @@ class DistillConfig:
         from arkfast.workflow import stage_dir
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        grpo = self.mode == "grpo"
         return dataclasses.replace(
             self,
+            steps=self.steps or (GRPO_DEFAULT_STEPS if grpo else None),
+            prm=self.prm or (str(stage_dir("prm") / "model") if grpo else None),
             model=self.model or str(default_model_path()),
             data=self.data or [str(default_data(self.mode))],
             output=self.output or str(stage_dir("distill") / self.mode),
@@ -173,7 +202,8 @@ class DistillConfig:
     def curve_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (they shape the loss curve)."""
         d = self.to_dict()
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in CURVE_KEYS}
+        keys = CURVE_KEYS + (GRPO_CURVE_KEYS if self.mode == "grpo" else ())
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
