@@ -89,8 +89,8 @@ def test_copy_reusable_debates_copies_only_matching_settings(tmp_path):
 
 ARGV = ["--train-problems", "4", "--test-problems", "3", "--seeds", "1", "--eval-seeds", "1", "--epochs", "1",
         "--jobs", "1", "--threads", "1", "--prm-label-limit", "2", "--prm-k", "1", "--prm-steps", "1",
-        "--no-progress"]
-SYSTEMS = ("base", "self-consistency", "debate", "rft-tokens", "rft-compute", "rsft", "da", "pad")
+        "--online-steps", "2", "--no-progress"]
+SYSTEMS = ("base", "self-consistency", "debate", "rft-tokens", "rft-compute", "rsft", "da", "pad", "pad-online")
 COLUMNS = ("accuracy", "interval", "calls_per_problem", "tokens_per_problem", "prompt_tokens_per_problem",
            "generation_tokens", "training_tokens", "wall_seconds")
 
@@ -115,19 +115,25 @@ def test_tiny_experiment_writes_every_row_and_column(experiment):
     assert rows["debate"]["calls_per_problem"] == 10 and rows["rsft"]["calls_per_problem"] == 1
     lo, hi = rows["debate"]["interval"]
     assert 0.0 <= lo <= rows["debate"]["accuracy"] <= hi <= 1.0
-    for student in ("rft-tokens", "rft-compute", "rsft", "da", "pad"):
+    for student in ("rft-tokens", "rft-compute", "rsft", "da", "pad", "pad-online"):
         assert rows[student]["training_tokens"] > 0 and rows[student]["generation_tokens"] > 0
         assert rows[student]["seeds"] == [0] and rows[student]["interval"] is None  # one seed: no t interval
     # PAD's training data also cost the PRM's rollouts
     assert rows["pad"]["generation_tokens"] > rows["da"]["generation_tokens"]
+    # online PAD adds its own rollouts, and was trained for its RL steps
+    assert rows["pad-online"]["generation_tokens"] > rows["pad"]["generation_tokens"]
+    online = json.loads((out / "stages" / "student-pad-online-seed0.json").read_text())["result"]["train"]
+    assert online["steps"] == 2 and online["rollout_tokens"] > 0
     # the token-matched control reads about R-SFT's tokens: at most one record more
     assert abs(rows["rft-tokens"]["training_tokens"] - rows["rsft"]["training_tokens"]) < 200
     assert {(c["method"], c["control"]) for c in saved["comparisons"]} == {
-        ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute")}
-    assert len(saved["targets"]) == 5 and saved["targets"][0].startswith("Target 1")
+        ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute"), ("pad-online", "rft-compute"),
+        ("pad-online", "pad"), ("pad-online", "da")}
+    assert len(saved["targets"]) == 7 and saved["targets"][0].startswith("Target 1")
+    assert any(t.startswith("Target PAD (online)") for t in saved["targets"])
     md = (out / "experiment.md").read_text()
     for text in ("| system | calls / problem", "base model alone", "self-consistency@5", "debate 5x2 (committee)",
-                 "RFT, R-SFT's training tokens", "RFT, DA's generation compute", "| R-SFT |", "| DA |", "| PAD |",
+                 "RFT, R-SFT's training tokens", "RFT, DA's generation compute", "| R-SFT |", "| DA |", "| PAD |", "| PAD (online) |",
                  "machine: ", "commit: ", "command: `python -m arkfast.experiment --train-problems 4",
                  "Paired differences", "Target 3"):
         assert text in md, text
@@ -146,7 +152,7 @@ def test_rerun_reuses_every_finished_stage(experiment):
     assert not [e for e in events if e["event"] == "ran"], events
     reused = {e["stage"] for e in events if e["event"] == "reused"}
     assert {"train-debates", "trajectories", "test-debate", "rft-samples", "prm-label", "prm-train",
-            "student-pad-seed0", "student-rsft-seed0"} <= reused
+            "student-pad-seed0", "student-rsft-seed0", "student-pad-online-seed0"} <= reused
     assert {p: os.stat(p).st_mtime_ns for p in debates + models} == stamps
     assert second["rows"] == first["rows"]
 

@@ -285,7 +285,8 @@ def distill_grpo(cfg: DistillConfig, given_data: bool, log: Callable[[str], None
     result = {
         "mode": cfg.mode, "model": str(out / "model"), "output": str(out), "finished": True,
         "steps": steps, "steps_done": last, "epochs_done": order.epoch_of(last), "rows": None,
-        "data": {"records": None, "examples": len(prompts), "problems": len(prompts), "skipped": 0},
+        "data": {"records": None, "examples": len(prompts), "problems": len(prompts),
+                 "tokens": sum(len(p.prompt_ids) for p in prompts)},
         "train_tokens": int(total("tokens")), "train_target_tokens": int(total("target_tokens")),
         "train_seconds": train_s, "rollout_seconds": rollout_s, "prm_seconds": prm_s,
         "rollout_tokens": int(total("rollout_tokens")),

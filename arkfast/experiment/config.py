@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["DATA_KEYS", "STUDENTS", "ExperimentConfig"]
+__all__ = ["DATA_KEYS", "EXTRA_COMPARISONS", "STUDENTS", "ExperimentConfig"]
 
 # The trained systems: name -> (distill mode, what it is trained on).
 STUDENTS = {
@@ -21,10 +21,14 @@ STUDENTS = {
                             "one per problem in turn, until R-SFT's token count is reached")),
     "rft-compute": ("da", ("RFT matched to DA in generation compute: agents x rounds single-agent samples per "
                            "problem, distinct correct ones kept as DA keeps them")),
+    "pad-online": ("grpo", ("PAD (online): the DA student of the same seed trained on by RL on the train problems, "
+                            "engine rollouts rewarded by the outcome and the PRM's step scores (distill --mode grpo)")),
 }
 
 # The matched control of each debate-trained student.
-CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute"}
+CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute", "pad-online": "rft-compute"}
+# Further comparisons of a row: online PAD against offline PAD and against DA, the student it starts from.
+EXTRA_COMPARISONS = (("pad-online", "pad"), ("pad-online", "da"))
 
 DATA_KEYS = ("model", "train_problems", "test_problems", "agents", "rounds", "sc_agents", "rft_samples",
              "temperature", "max_per_problem", "epochs", "lr", "row_tokens", "pad_weighting", "prm_label_limit",
@@ -59,6 +63,9 @@ class ExperimentConfig:
     prm_label_limit: int = 300
     prm_k: int = 4
     prm_steps: int = 100
+    # online PAD (not data keys: they shape that row only, and its distill --resume checks them)
+    online_steps: int = 60
+    online_lr: float = 1e-4
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
     jobs: int = 2
@@ -68,14 +75,14 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for name, low in (("train_problems", 1), ("test_problems", 1), ("seeds", 1), ("eval_seeds", 1),
                           ("agents", 1), ("rounds", 1), ("sc_agents", 1), ("max_per_problem", 1),
-                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1)):
+                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1), ("online_steps", 1)):
             _int(name, getattr(self, name), low)
         if self.rft_samples is None:
             self.rft_samples = self.agents * self.rounds  # as many samples as the debate's model calls
         _int("rft_samples", self.rft_samples, 1)
         if self.threads is not None:
             _int("threads", self.threads, 1)
-        for name in ("epochs", "lr"):
+        for name in ("epochs", "lr", "online_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
