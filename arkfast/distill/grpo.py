@@ -23,8 +23,8 @@ The temperature is applied identically on both sides: the engine's ``logprobs`` 
 ``log_softmax(logits / T)`` before any top-k/top-p truncation, and the trainer passes ``hidden / T`` to
 :func:`~arkfast.kernels.fused_linear_weighted_cross_entropy` (``(h / T) W^T = (h W^T) / T``), whose
 ``return_logprobs`` output carries the gradient ``d logp_t / dz = onehot(y_t) - softmax(z_t / T)``
-(times ``1 / T``). Rollouts refuse top-k/top-p (:func:`~.rewards.check_grpo_settings`), so the ratio
-needs no truncation correction.
+(times ``1 / T``). Rollouts use neither top-k nor top-p (there is no setting for them), so the
+rollout policy is exactly ``softmax(z / T)`` and the ratio needs no truncation correction.
 
 Gradient (what backpropagates into ``logp_t``), derived for the float64 test:
 ``d pg_t / d logp_t = -rho_t A_t`` where the unclipped term is the minimum (``rho_t A_t <=

@@ -117,7 +117,7 @@ def token_logprobs(logits: torch.Tensor, batch: SamplingBatch, tokens: torch.Ten
     out = []
     for r, p in enumerate(params):
         entry = {host[0][r]: (host[1][r], host[2][r])}
-        for j in range(p.logprobs):
+        for j in range(min(p.logprobs, k)):
             entry.setdefault(host[3][r][j], (host[4][r][j], j + 1))
         out.append(entry)
     return out
