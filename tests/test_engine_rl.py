@@ -6,11 +6,11 @@ its greedy decoding of the new weights the tokens the updated engine must produc
 """
 import pytest
 import torch
+from test_engine import assert_greedy_equal, hf_greedy, random_ids
 
 from arkfast import LLM, SamplingParams
 from arkfast.models import load_model
 from model_fixtures import build_tiny_checkpoint, load_hf_model
-from test_engine import assert_greedy_equal, hf_greedy, random_ids
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ engine's and the trainer's log-probabilities of the same tokens (fp32), one upda
 sample, and a resumed run repeating the uninterrupted one."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
+from test_distill import arith_records
 
 from arkfast import LLM, SamplingParams
 from arkfast.distill import DistillConfig, distill
@@ -22,7 +24,6 @@ from arkfast.generate import default_model_path
 from arkfast.models import load_model, load_tokenizer
 from arkfast.prm import PRMConfig, ProcessRewardModel, save_prm
 from arkfast.trajectories import encode_response, segment_steps, tokenizer_fingerprint, write_trajectories
-from test_distill import arith_records
 
 TINY = default_model_path()
 
@@ -58,7 +59,7 @@ def test_rloo_and_grpo_advantages_by_hand():
     # step returns keep their own values against the sample-level baseline; a stepless sample one value
     adv = group_advantages([[2.0, 1.0], [], [0.5]], [2.0, 1.0, 0.5], "rloo")
     assert [len(a) for a in adv] == [2, 1, 1]
-    assert sum(adv, []) == pytest.approx([2.0 - 0.75, 1.0 - 0.75, 1.0 - 1.25, 0.5 - 1.5])
+    assert [x for a in adv for x in a] == pytest.approx([2.0 - 0.75, 1.0 - 0.75, 1.0 - 1.25, 0.5 - 1.5])
     with pytest.raises(ValueError, match="at least 2"):
         group_advantages([[1.0]], [1.0])
 
@@ -112,7 +113,7 @@ def test_step_ranges_tile_the_sampled_tokens(tok):
     decoded, ranges = step_ranges(tok, ids, "line", tok.eos_token_id)
     assert decoded == text and len(ranges) == 3
     assert ranges[0][0] == 0 and ranges[-1][1] == len(ids)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     # the records' mapping (arkfast.trajectories.encode_response), the end-of-turn token added to the last
     # step: a token straddling two steps ("\nAnswer: ") belongs to the one it starts in
     want_ids, want = encode_response(tok, text, segment_steps(text, "line"))
@@ -204,7 +205,7 @@ def test_one_update_raises_the_best_samples_probability(tok, problems_file):
     def per_sample() -> list[float]:
         with torch.no_grad():
             lp = policy_logprobs(model, batch, 1.0, device)
-        return [float(lp[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])]
+        return [float(lp[a:b].sum()) for a, b in itertools.pairwise(ends)]
 
     before = per_sample()
     opt = Optimizer(model, precision="fp32", lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)

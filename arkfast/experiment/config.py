@@ -64,7 +64,7 @@ class ExperimentConfig:
     prm_k: int = 4
     prm_steps: int = 100
     # online PAD (not data keys: they shape that row only, and its distill --resume checks them)
-    online_steps: int = 60
+    online_steps: int = 100
     online_lr: float = 1e-4
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
@@ -75,7 +75,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for name, low in (("train_problems", 1), ("test_problems", 1), ("seeds", 1), ("eval_seeds", 1),
                           ("agents", 1), ("rounds", 1), ("sc_agents", 1), ("max_per_problem", 1),
-                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1), ("online_steps", 1)):
+                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1),
+                          ("online_steps", 1)):
             _int(name, getattr(self, name), low)
         if self.rft_samples is None:
             self.rft_samples = self.agents * self.rounds  # as many samples as the debate's model calls
