@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--online-lr", type=_POSITIVE_FLOAT, metavar="LR", default=_D.online_lr,
                    help="peak learning rate of online PAD (default: %(default)s)")
+    g.add_argument("--online-prm-coef", type=_POSITIVE_FLOAT, metavar="C", default=_D.online_prm_coef,
+                   help="weight of the PRM step rewards next to the outcome reward in online PAD "
+                        "(default: %(default)s)")
 
     g = p.add_argument_group("machine")
     g.add_argument("--jobs", type=_POSITIVE, metavar="N", default=_D.jobs,

@@ -66,6 +66,7 @@ class ExperimentConfig:
     # online PAD (not data keys: they shape that row only, and its distill --resume checks them)
     online_steps: int = 100
     online_lr: float = 1e-4
+    online_prm_coef: float = 1.0
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
     jobs: int = 2
@@ -83,7 +84,7 @@ class ExperimentConfig:
         _int("rft_samples", self.rft_samples, 1)
         if self.threads is not None:
             _int("threads", self.threads, 1)
-        for name in ("epochs", "lr", "online_lr"):
+        for name in ("epochs", "lr", "online_lr", "online_prm_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")

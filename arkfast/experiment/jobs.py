@@ -72,7 +72,8 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         if job["mode"] == "grpo":  # online PAD: RL steps from its initial student, rollouts at the experiment's T
             schedule = ["--steps", str(job["online_steps"]), "--lr", str(job["online_lr"]), "--prm", job["prm"],
-                        "--grpo-temperature", str(job["temperature"])]
+                        "--grpo-temperature", str(job["temperature"]),
+                        "--grpo-prm-coef", str(job.get("online_prm_coef", 1.0))]
         else:
             schedule = ["--epochs", str(job["epochs"]), "--lr", str(job["lr"]), "--row-tokens", str(job["row_tokens"])]
         argv = ["--data", *job["data"], "--mode", job["mode"], "--model", job["model"],

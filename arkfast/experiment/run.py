@@ -206,7 +206,8 @@ class _Experiment:
                 self.missing["pad-online"] = f"{name}: it starts from the DA student of seed {job['seed']}, not trained"
                 continue
             jobs.append((name, {**job, "model": str(init), "prm": str(self.root / "prm" / "model"),
-                                "online_steps": self.cfg.online_steps, "online_lr": self.cfg.online_lr}))
+                                "online_steps": self.cfg.online_steps, "online_lr": self.cfg.online_lr,
+                                "online_prm_coef": self.cfg.online_prm_coef}))
         return jobs
 
     def run(self) -> dict[str, Any]:
