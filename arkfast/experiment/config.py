@@ -66,7 +66,7 @@ class ExperimentConfig:
     # online PAD (not data keys: they shape that row only, and its distill --resume checks them)
     online_steps: int = 100
     online_lr: float = 1e-4
-    online_prm_coef: float = 1.0
+    online_prm_coef: float = 0.25
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
     jobs: int = 2
