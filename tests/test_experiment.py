@@ -89,9 +89,9 @@ def test_copy_reusable_debates_copies_only_matching_settings(tmp_path):
 
 ARGV = ["--train-problems", "4", "--test-problems", "3", "--seeds", "1", "--eval-seeds", "1", "--epochs", "1",
         "--jobs", "1", "--threads", "1", "--prm-label-limit", "2", "--prm-k", "1", "--prm-steps", "1",
-        "--no-progress"]
+        "--online-steps", "2", "--no-progress"]
 SYSTEMS = ("base", "self-consistency", "debate", "self-refine", "rft-tokens", "rft-compute", "rsft", "da", "pad",
-           "graph", "graph-nt", "correct", "correct-refine", "rsft-span")
+           "pad-online", "graph", "graph-nt", "correct", "correct-refine", "rsft-span")
 COLUMNS = ("accuracy", "interval", "calls_per_problem", "tokens_per_problem", "prompt_tokens_per_problem",
            "generation_tokens", "training_tokens", "wall_seconds")
 
@@ -116,20 +116,26 @@ def test_tiny_experiment_writes_every_row_and_column(experiment):
     assert rows["debate"]["calls_per_problem"] == 10 and rows["rsft"]["calls_per_problem"] == 1
     lo, hi = rows["debate"]["interval"]
     assert 0.0 <= lo <= rows["debate"]["accuracy"] <= hi <= 1.0
-    for student in ("rft-tokens", "rft-compute", "rsft", "da", "pad"):
+    for student in ("rft-tokens", "rft-compute", "rsft", "da", "pad", "pad-online"):
         assert rows[student]["training_tokens"] > 0 and rows[student]["generation_tokens"] > 0
         assert rows[student]["seeds"] == [0] and rows[student]["interval"] is None  # one seed: no t interval
     # PAD's training data also cost the PRM's rollouts
     assert rows["pad"]["generation_tokens"] > rows["da"]["generation_tokens"]
+    # online PAD adds its own rollouts, and was trained for its RL steps
+    assert rows["pad-online"]["generation_tokens"] > rows["pad"]["generation_tokens"]
+    online = json.loads((out / "stages" / "student-pad-online-seed0.json").read_text())["result"]["train"]
+    assert online["steps"] == 2 and online["rollout_tokens"] > 0
     # the token-matched control reads about R-SFT's tokens: at most one record more
     assert abs(rows["rft-tokens"]["training_tokens"] - rows["rsft"]["training_tokens"]) < 200
     assert {(c["method"], c["control"]) for c in saved["comparisons"]} == {
         ("rsft", "rft-tokens"), ("da", "rft-compute"), ("pad", "rft-compute"), ("graph", "rft-compute"),
-        ("correct", "rft-compute"), ("rsft-span", "rft-tokens")}
+        ("correct", "rft-compute"), ("rsft-span", "rft-tokens"), ("pad-online", "rft-compute"),
+        ("pad-online", "pad"), ("pad-online", "da")}
     assert {(c["method"], c["control"]) for c in saved["ablations"]} == {
         ("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "graph-nt"),
         ("graph", "da")}
-    assert len(saved["targets"]) == 8 and saved["targets"][0].startswith("Target 1")
+    assert len(saved["targets"]) == 10 and saved["targets"][0].startswith("Target 1")
+    assert any(t.startswith("Target PAD (online)") for t in saved["targets"])
     # self-refine: two calls per problem; its draft -> revised row next to the committee's
     assert rows["self-refine"]["calls_per_problem"] == 2 and rows["correct-refine"]["calls_per_problem"] == 2
     assert [r["system"] for r in saved["self_correction"]] == ["debate", "self-refine", "correct-refine"]
@@ -139,7 +145,7 @@ def test_tiny_experiment_writes_every_row_and_column(experiment):
     assert json.loads(log)["config"]["span_weights"] == {"steps": 1.0, "answer": 2.0}
     md = (out / "experiment.md").read_text()
     for text in ("| system | calls / problem", "base model alone", "self-consistency@5", "debate 5x2 (committee)",
-                 "RFT, R-SFT's training tokens", "RFT, DA's generation compute", "| R-SFT |", "| DA |", "| PAD |",
+                 "RFT, R-SFT's training tokens", "RFT, DA's generation compute", "| R-SFT |", "| DA |", "| PAD |", "| PAD (online) |",
                  "machine: ", "commit: ", "command: `python -m arkfast.experiment --train-problems 4",
                  "Paired differences", "Target 3", "| graph-supervised (MAGDi-style) |", "Draft -> revised",
                  "R-SFT + self-correction, self-refine", "R-SFT, span-weighted (steps=1,answer=2)",
@@ -160,7 +166,7 @@ def test_rerun_reuses_every_finished_stage(experiment):
     assert not [e for e in events if e["event"] == "ran"], events
     reused = {e["stage"] for e in events if e["event"] == "reused"}
     assert {"train-debates", "trajectories", "test-debate", "rft-samples", "prm-label", "prm-train",
-            "student-pad-seed0", "student-rsft-seed0"} <= reused
+            "student-pad-seed0", "student-rsft-seed0", "student-pad-online-seed0"} <= reused
     assert {p: os.stat(p).st_mtime_ns for p in debates + models} == stamps
     assert second["rows"] == first["rows"]
 

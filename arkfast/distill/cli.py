@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"correct: self-correction records (correct.jsonl: own draft -> corrected solution), "
                         f"with any plain records also given; graph: next-token loss on a problem's right "
                         f"answers + margin ranking and a correctness head on the pooled states of its right "
-                        f"and wrong ones (default: {d.mode})")
+                        f"and wrong ones; grpo: online RL on engine rollouts with PRM step rewards "
+                        f"(default: {d.mode})")
     g.add_argument("--pad-weighting", choices=PAD_WEIGHTINGS, default=S,
                    help="pad: score = the step's score; advantage = step score minus the problem's mean "
                         "trajectory score (min over steps), clipped to [-pad-clip, pad-clip]; min = the "
@@ -142,7 +143,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no loss.png (default: drawn when matplotlib is installed)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="no progress bar")
+    _add_grpo_arguments(p, d, S)
     return p
+
+
+def _add_grpo_arguments(p: argparse.ArgumentParser, d: DistillConfig, S: str) -> None:
+    from .rewards import ADVANTAGES, CREDITS
+
+    g = p.add_argument_group(
+        "online RL (--mode grpo)",
+        "engine rollouts of the training files' problems, the outcome reward plus PRM step rewards, "
+        "PPO-clipped updates with a k3 KL to the starting model; --steps defaults to 100, --epochs is unused")
+    g.add_argument("--prm", metavar="DIR", default=S,
+                   help="PRM folder (python -m arkfast.prm train) scoring the sampled steps, or none for the "
+                        "outcome reward alone (default: runs/arith-train/prm/model)")
+    g.add_argument("--grpo-group", type=int, metavar="G", default=S,
+                   help=f"samples per prompt (default: {d.grpo_group})")
+    g.add_argument("--grpo-prompts", type=int, metavar="P", default=S,
+                   help=f"prompts per step (default: {d.grpo_prompts})")
+    g.add_argument("--grpo-updates", type=int, metavar="U", default=S,
+                   help=f"optimiser steps per rollout batch, each on a share of its groups (default: {d.grpo_updates})")
+    g.add_argument("--grpo-temperature", type=float, metavar="T", default=S,
+                   help="rollout temperature, applied identically to the trainer's log-probabilities; no "
+                        f"top-k/top-p (default: {d.grpo_temperature})")
+    g.add_argument("--grpo-max-tokens", type=int, metavar="N", default=S,
+                   help="tokens per sampled response (default: the task's budget, 96 for arith)")
+    g.add_argument("--grpo-credit", choices=CREDITS, default=S,
+                   help="step credit: min = softmin over the remaining steps' rewards (PURE), sum = their "
+                        f"sum (default: {d.grpo_credit})")
+    g.add_argument("--grpo-softmin-temperature", type=float, metavar="TAU", default=S,
+                   help=f"temperature of the min-form softmin (default: {d.grpo_softmin_temperature})")
+    g.add_argument("--grpo-advantage", choices=ADVANTAGES, default=S,
+                   help=f"rloo = leave-one-out baseline, grpo = group mean and std (default: {d.grpo_advantage})")
+    g.add_argument("--grpo-clip", type=float, metavar="EPS", default=S,
+                   help=f"PPO ratio clip (default: {d.grpo_clip})")
+    g.add_argument("--grpo-kl", type=float, metavar="BETA", default=S,
+                   help=f"k3 KL coefficient to the starting model, 0: no reference (default: {d.grpo_kl})")
+    g.add_argument("--grpo-prm-coef", type=float, metavar="C", default=S,
+                   help=f"weight of the PRM step rewards (default: {d.grpo_prm_coef})")
+    g.add_argument("--grpo-outcome-coef", type=float, metavar="C", default=S,
+                   help=f"weight of the verifiable outcome reward (default: {d.grpo_outcome_coef})")
 
 
 def config_from_args(argv: list[str] | None = None) -> DistillConfig:

@@ -17,7 +17,7 @@ from .weights import PAD_WEIGHTINGS
 
 __all__ = ["MODES", "PRECISIONS", "DistillConfig", "default_data", "load_config_file", "parse_span_weights"]
 
-MODES = ("rsft", "da", "pad", "correct", "graph")
+MODES = ("rsft", "da", "pad", "correct", "graph", "grpo")
 SPANS = ("steps", "answer")
 PRECISIONS = ("fp32", "bf16")
 
@@ -25,6 +25,11 @@ PRECISIONS = ("fp32", "bf16")
 CURVE_KEYS = ("mode", "model", "pad_weighting", "pad_clip", "epochs", "steps", "row_tokens", "batch_rows",
               "micro_batch_rows", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "eps",
               "grad_clip", "seed", "precision", "gradient_checkpointing", "threads")
+# ... and those of --mode grpo, part of its runs' settings only (other modes' checkpoints stay as they were)
+GRPO_CURVE_KEYS = ("prm", "grpo_group", "grpo_prompts", "grpo_updates", "grpo_temperature", "grpo_max_tokens",
+                   "grpo_credit", "grpo_softmin_temperature", "grpo_advantage", "grpo_clip", "grpo_kl",
+                   "grpo_prm_coef", "grpo_outcome_coef")
+GRPO_DEFAULT_STEPS = 100
 # Curve settings added later: in a run's fingerprint only when they differ from their default, so runs
 # made before they existed are still continued or reused.
 OPTIONAL_CURVE_KEYS = {"span_weights": None, "continues": False, "graph_margin": 1.0, "graph_margin_weight": 0.1,
@@ -49,9 +54,12 @@ def parse_span_weights(text: str) -> dict[str, float]:
 def default_data(mode: str, root: str | Path | None = None) -> Path:
     """The default training file of ``mode`` under ``runs/arith-train/``: ``trajectories/<mode>.jsonl``
     for ``rsft``/``da``/``correct``, the PRM-scored ``prm/scored/pad.jsonl`` for ``pad``, the unscored
-    ``trajectories/pad.jsonl`` for ``graph``."""
+    ``trajectories/pad.jsonl`` for ``graph``, and for ``grpo`` (which reads only the problems: prompts
+    and gold answers) ``trajectories/pad.jsonl`` too, every problem with a trajectory, right or wrong."""
     from arkfast.workflow import stage_dir
 
+    if mode == "grpo":
+        return stage_dir("trajectories", root) / "pad.jsonl"
     if mode == "pad":
         return stage_dir("prm", root) / "scored" / "pad.jsonl"
     if mode == "graph":  # right and wrong answers of each problem, unscored
@@ -123,6 +131,20 @@ class DistillConfig:
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
+    # --mode grpo (online RL on engine rollouts; arkfast.distill.grpo_run)
+    prm: str | None = None
+    grpo_group: int = 8
+    grpo_prompts: int = 8
+    grpo_updates: int = 2
+    grpo_temperature: float = 1.0
+    grpo_max_tokens: int | None = None
+    grpo_credit: str = "min"
+    grpo_softmin_temperature: float = 0.1
+    grpo_advantage: str = "rloo"
+    grpo_clip: float = 0.2
+    grpo_kl: float = 0.001
+    grpo_prm_coef: float = 1.0
+    grpo_outcome_coef: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
@@ -178,6 +200,9 @@ class DistillConfig:
                      "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
+        from .rewards import check_grpo_settings
+
+        check_grpo_settings(self)
 
     @property
     def accumulation(self) -> int:
@@ -197,8 +222,11 @@ class DistillConfig:
         from arkfast.workflow import stage_dir
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        grpo = self.mode == "grpo"
         return dataclasses.replace(
             self,
+            steps=self.steps or (GRPO_DEFAULT_STEPS if grpo else None),
+            prm=self.prm or (str(stage_dir("prm") / "model") if grpo else None),
             model=self.model or str(default_model_path()),
             data=self.data or [str(default_data(self.mode))],
             output=self.output or str(stage_dir("distill") / self.mode),
@@ -213,7 +241,8 @@ class DistillConfig:
     def curve_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (they shape the loss curve)."""
         d = self.to_dict()
-        out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in CURVE_KEYS}
+        keys = CURVE_KEYS + (GRPO_CURVE_KEYS if self.mode == "grpo" else ())
+        out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
         out.update({k: d[k] for k, default in OPTIONAL_CURVE_KEYS.items() if d[k] != default})
         return out
 

@@ -83,6 +83,10 @@ def _check_resume(meta: dict[str, Any], expected: dict[str, Any], path: Path) ->
 
 def format_summary(result: dict[str, Any]) -> str:
     """The end-of-run table."""
+    if result["mode"] == "grpo":
+        from .grpo_run import format_grpo_summary
+
+        return format_grpo_summary(result)
     data = result["data"]
     rows = [("mode", result["mode"]),
             ("examples (kept / records)", f"{data['examples']} / {data['records']}"),
@@ -134,6 +138,10 @@ def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print)
 
 
 def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], ranks: Ranks) -> dict[str, Any]:
+    if cfg.mode == "grpo":  # online RL on engine rollouts: its own loop, the same output folder
+        from .grpo_run import distill_grpo
+
+        return distill_grpo(cfg, given_data, log, ranks)
     from tqdm.auto import tqdm
 
     from arkfast.models import load_model, load_tokenizer

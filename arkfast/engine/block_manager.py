@@ -235,6 +235,22 @@ class BlockManager:
         self._release_after_step = []
         return list(pairs.values()), list(pairs.keys())
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (their K/V were computed with weights that are about to change):
+        all blocks become empty free blocks. ``RuntimeError`` while a sequence holds blocks."""
+        held = [b.block_id for b in self.blocks if b.ref_count]
+        if held or self._release_after_step:
+            raise RuntimeError(f"cannot reset the prefix cache while {len(held)} block(s) are held by "
+                               f"sequences in flight")
+        for block in self.blocks:
+            block.token_ids, block.parent_hash, block.hash = [], None, None
+        self._cached.clear()
+        self._children.clear()
+        self._copy_src.clear()
+        self._writes.clear()
+        self.last_step_writes = frozenset()
+        self._free = collections.OrderedDict.fromkeys(range(len(self.blocks)))
+
     def forget_step_writes(self) -> None:
         """Drop what the last scheduled step's writes told the cache (call when that step never ran,
         after freeing its sequences): its blocks' K/V were never computed, so they must be neither

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, choose_num_kv_blocks
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence
+from .sequence import Logprob, RequestOutput, Sequence
 
 
 class LLM:
@@ -102,6 +102,33 @@ class LLM:
                 "cascade_steps": self.runner.num_cascade_steps,
                 "prefix_cache_hit_rate": cached / prompt if prompt else 0.0}
 
+    def update_weights(self, weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Copy new weights into the engine's model in place, with no disk round trip: ``weights`` is a
+        :class:`~arkfast.models.DecoderModel` of the same architecture (a trainer's in-memory model, any
+        device or dtype: values are cast on copy) or a mapping of its parameter names to tensors.
+
+        Every prefix-cache entry is dropped (its K/V came from the old weights), so nothing computed
+        before the call is reused after it. The copy is in place, so captured CUDA graphs stay valid.
+        ``RuntimeError`` while requests are in flight (their cached K/V would mix two models);
+        ``ValueError`` naming a missing, unexpected or mis-shaped tensor."""
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"update_weights with {len(self._requests)} request(s) in flight; finish or "
+                               f"abort them first")
+        source = dict(weights.named_parameters()) if isinstance(weights, torch.nn.Module) else dict(weights)
+        params = dict(self.model.named_parameters())
+        missing, unexpected = sorted(params.keys() - source.keys()), sorted(source.keys() - params.keys())
+        if missing or unexpected:
+            raise ValueError(f"update_weights: missing {missing or 'none'}, unexpected {unexpected or 'none'} "
+                             f"(expected the parameter names of the engine's DecoderModel)")
+        for name, param in params.items():
+            if tuple(source[name].shape) != tuple(param.shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(source[name].shape)}, expected "
+                                 f"{tuple(param.shape)}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(source[name].detach())
+        self.block_manager.reset_prefix_cache()
+
     # ------------------------------------------------------------------------------------------------
     # Requests
     # ------------------------------------------------------------------------------------------------
@@ -175,7 +202,7 @@ class LLM:
                                f"{len(self.scheduler.running)} running, {self.block_manager.num_free_blocks} "
                                f"free KV blocks): the KV cache is too small")
         try:
-            sampled, tokens = self.runner.run(batch)
+            sampled, tokens, logprobs = self.runner.run(batch)
         except BaseException:  # e.g. Ctrl-C mid-step: the engine stays usable and its cache correct
             self.scheduler.rollback(batch)
             raise
@@ -183,8 +210,10 @@ class LLM:
         self._counts["steps"] += 1
         self._counts["generated_tokens"] += len(tokens)
         now = time.monotonic()
-        for seq, token in zip(sampled, tokens):
+        for i, (seq, token) in enumerate(zip(sampled, tokens)):
             seq.token_ids.append(token)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.output_logprobs.append({t: Logprob(lp, rank) for t, (lp, rank) in logprobs[i].items()})
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             reason = self._finish_reason(seq, token)

@@ -35,7 +35,7 @@ from arkfast.kernels.prefill_attention import prefill_attention
 from arkfast.models import DecoderModel, VarlenContext
 
 from .config import EngineConfig
-from .sampler import Sampler, SamplingBatch
+from .sampler import Sampler, SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -154,7 +154,8 @@ def kv_block_bytes(model: DecoderModel, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
-    """Runs scheduled steps: ``runner.run(batch) -> (sequences that sampled, their new token ids)``."""
+    """Runs scheduled steps: ``runner.run(batch) -> (sequences that sampled, their new token ids, their
+    log-probabilities)`` (the last ``None`` when no request of the step asked for them)."""
 
     def __init__(self, model: DecoderModel, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
                  device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -261,19 +262,29 @@ class ModelRunner:
         return ids_t, pos_t, ctx, rows_t, sampled
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int]]:
-        """Compute ``batch`` and sample; returns the sequences that drew a token and the tokens."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None] | None]:
+        """Compute ``batch`` and sample; returns the sequences that drew a token, the tokens and, when
+        some of them asked for logprobs, one ``{token_id: (logprob, rank)}`` per sequence (``None`` for
+        those that did not; :func:`~.sampler.token_logprobs`)."""
         input_ids, positions, ctx, rows, sampled = self.prepare(batch)
         if self.graphs is not None and self.graphs.can_run(ctx):
             hidden = self.graphs.run(input_ids, positions, ctx)
         else:
             hidden = self.model(input_ids, positions, ctx)                        # [T, H]
         if not sampled:
-            return [], []
+            return [], [], None
         logits = self.model.compute_logits(hidden[rows])                          # [N, V]
         params = SamplingBatch([s.params for s in sampled], [s.num_tokens for s in sampled])
+        tokens = self.sampler(logits, params)
         # The one device-to-host copy a step needs: the new tokens decide what runs next.
-        return sampled, self.sampler(logits, params).tolist()
+        host = tokens.tolist()
+        want = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        if not want:
+            return sampled, host, None
+        logprobs: list[dict | None] = [None] * len(sampled)
+        for i, entry in zip(want, token_logprobs(logits, params, tokens, want)):
+            logprobs[i] = entry
+        return sampled, host, logprobs
 
 
 def choose_num_kv_blocks(config: EngineConfig, model: DecoderModel, dtype: torch.dtype, device: torch.device,

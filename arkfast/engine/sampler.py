@@ -93,6 +93,36 @@ class Sampler:
         return torch.where(is_greedy, greedy, sampled)
 
 
+def token_logprobs(logits: torch.Tensor, batch: SamplingBatch, tokens: torch.Tensor, rows: list[int]
+                   ) -> list[dict[int, tuple[float, int]]]:
+    """The log-probabilities the requests of ``rows`` asked for (``SamplingParams.logprobs``): per row,
+    ``{token_id: (logprob, rank)}`` for the sampled token ``tokens[row]`` and the row's ``logprobs``
+    most likely tokens, ``rank`` 1 for the most likely.
+
+    The distribution is ``log_softmax(logits / T)`` over the whole vocabulary, in fp32: after the
+    temperature, before top-k / top-p (``T = 1`` for a greedy row). A trainer that divides its own
+    logits by the same ``T`` computes the same numbers (``arkfast.distill.grpo``). One host copy of
+    the asked-for rows only (the step already syncs on the sampled tokens)."""
+    params = [batch.params[i] for i in rows]
+    index = torch.tensor(rows).to(logits.device, non_blocking=True)
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)
+    logp = torch.log_softmax(logits.index_select(0, index).float()
+                             / temperature.to(logits.device, non_blocking=True)[:, None], dim=-1)  # [R, V]
+    chosen_ids = tokens.index_select(0, index)                                                   # [R]
+    chosen = logp.gather(1, chosen_ids[:, None])                                                 # [R, 1]
+    rank = (logp > chosen).sum(dim=-1) + 1                                                       # [R]
+    k = min(max(p.logprobs for p in params), logits.shape[1])
+    top_val, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], chosen_ids[:, None][:, :0])  # [R, k]
+    host = [t.tolist() for t in (chosen_ids, chosen[:, 0], rank, top_ids, top_val)]
+    out = []
+    for r, p in enumerate(params):
+        entry = {host[0][r]: (host[1][r], host[2][r])}
+        for j in range(min(p.logprobs, k)):
+            entry.setdefault(host[3][r][j], (host[4][r][j], j + 1))
+        out.append(entry)
+    return out
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set to ``-inf`` every logit outside row i's ``top_k[i]`` largest and outside the smallest set of
     largest ones whose probabilities sum to at least ``top_p[i]`` (the most likely token always stays).

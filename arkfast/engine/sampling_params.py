@@ -16,6 +16,14 @@ class SamplingParams:
     before it), or after ``max_tokens`` tokens. A ``seed`` makes the draws reproducible: the same prompt
     and seed give the same tokens whatever else is in the batch.
 
+    ``logprobs`` (``None``: off) asks for log-probabilities: per generated token, a ``{token_id:
+    Logprob}`` dict with the sampled token and the ``logprobs`` most likely ones (0: the sampled token
+    alone), in ``CompletionOutput.logprobs``. They are ``log_softmax(logits / temperature)`` over the
+    whole vocabulary: after the temperature, *before* top-k / top-p truncation (the untempered
+    distribution at temperature 0). Under top-k / top-p the tokens are drawn from the renormalised
+    truncated distribution, so these are not the sampling probabilities; an RL trainer that needs the
+    rollout policy's exact log-probabilities keeps ``top_k=-1, top_p=1``.
+
     >>> SamplingParams(temperature=0.0, max_tokens=16, stop="\\n\\n").stop
     ('\\n\\n',)
     """
@@ -27,6 +35,7 @@ class SamplingParams:
     stop: str | Sequence[str] | None = None
     ignore_eos: bool = False
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -56,6 +65,10 @@ class SamplingParams:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an int >= 0 (top log-probabilities per token besides "
+                             f"the sampled one), got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

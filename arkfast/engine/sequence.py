@@ -24,15 +24,31 @@ class RequestMetrics:
 
 
 @dataclasses.dataclass
+class Logprob:
+    """A token's log-probability (natural log) and its ``rank`` in the distribution (1: the most
+    likely), vLLM's shape."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     """One generated completion: its token ids (an end-of-sequence token included when it ended the
     generation), the decoded text (special tokens skipped, a matched stop string cut off) and why it
-    ended: ``"stop"`` (EOS or a stop string) or ``"length"`` (``max_tokens`` or the context window)."""
+    ended: ``"stop"`` (EOS or a stop string) or ``"length"`` (``max_tokens`` or the context window).
+
+    With ``SamplingParams(logprobs=k)``: ``logprobs``, one ``{token_id: Logprob}`` dict per token of
+    ``token_ids`` (the sampled token and the top k; see :class:`SamplingParams` for the distribution),
+    and ``cumulative_logprob``, the sum of the sampled tokens' log-probabilities; else both ``None``."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclasses.dataclass
@@ -72,6 +88,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = ""
         self.metrics = RequestMetrics(arrival_time)
+        # one {token_id: Logprob} dict per output token when the request asked for logprobs
+        self.output_logprobs: list[dict[int, Logprob]] | None = \
+            [] if getattr(params, "logprobs", None) is not None else None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
@@ -94,6 +113,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def to_output(self) -> RequestOutput:
-        completion = CompletionOutput(0, self.text, self.output_token_ids, self.finish_reason)
+        cumulative = None
+        if self.output_logprobs is not None:
+            cumulative = sum(d[t].logprob for d, t in zip(self.output_logprobs, self.output_token_ids))
+        completion = CompletionOutput(0, self.text, self.output_token_ids, self.finish_reason,
+                                      self.output_logprobs, cumulative)
         return RequestOutput(self.request_id, self.prompt, self.token_ids[:self.num_prompt_tokens],
                              [completion], self.is_finished, self.num_cached_tokens or 0, self.metrics)

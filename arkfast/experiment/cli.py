@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prm-steps", type=_POSITIVE, metavar="N", default=_D.prm_steps,
                    help="PRM training steps (default: %(default)s)")
 
+    g.add_argument("--online-steps", type=_POSITIVE, metavar="N", default=_D.online_steps,
+                   help="RL steps of online PAD (8 prompts x 8 samples each) on top of the DA student "
+                        "(default: %(default)s)")
+    g.add_argument("--online-lr", type=_POSITIVE_FLOAT, metavar="LR", default=_D.online_lr,
+                   help="peak learning rate of online PAD (default: %(default)s)")
+    g.add_argument("--online-prm-coef", type=_POSITIVE_FLOAT, metavar="C", default=_D.online_prm_coef,
+                   help="weight of the PRM step rewards next to the outcome reward in online PAD "
+                        "(default: %(default)s)")
+
     g = p.add_argument_group("machine")
     g.add_argument("--jobs", type=_POSITIVE, metavar="N", default=_D.jobs,
                    help="students trained and evaluated at once, each in its own process (default: %(default)s)")

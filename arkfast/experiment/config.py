@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ABLATIONS", "DATA_KEYS", "DISTILL_ARGV", "REFINE_EVALS", "SPAN_WEIGHTS", "STUDENTS", "ExperimentConfig"]
+__all__ = ["ABLATIONS", "DATA_KEYS", "DISTILL_ARGV", "EXTRA_COMPARISONS", "REFINE_EVALS", "SPAN_WEIGHTS", "STUDENTS",
+           "ExperimentConfig"]
 
 # The trained systems: name -> (distill mode, what it is trained on).
 STUDENTS = {
@@ -29,14 +30,18 @@ STUDENTS = {
                             "into right answers (correct.jsonl: wrong -> right and right -> right); evaluated in "
                             "one pass and with self-refine")),
     "rsft-span": ("rsft", "R-SFT with span weights (reasoning steps and answer weighted apart, SPAN_WEIGHTS)"),
+    "pad-online": ("grpo", ("PAD (online): the DA student of the same seed trained on by RL on the train problems, "
+                            "engine rollouts rewarded by the outcome and the PRM's step scores (distill --mode grpo)")),
 }
 
 # The matched control of each debate-trained student.
 CONTROLS = {"rsft": "rft-tokens", "da": "rft-compute", "pad": "rft-compute", "graph": "rft-compute",
-            "correct": "rft-compute", "rsft-span": "rft-tokens"}
+            "correct": "rft-compute", "rsft-span": "rft-tokens", "pad-online": "rft-compute"}
 # Paired differences that isolate one change: (method, reference).
 ABLATIONS = (("rsft-span", "rsft"), ("correct-refine", "correct"), ("correct", "rsft"), ("graph", "graph-nt"),
              ("graph", "da"))
+# Further comparisons of a row: online PAD against offline PAD and against DA, the student it starts from.
+EXTRA_COMPARISONS = (("pad-online", "pad"), ("pad-online", "da"))
 # The span weights of the rsft-span row (distill's --span-weights): the answer span twice the steps.
 SPAN_WEIGHTS = "steps=1,answer=2"
 # Systems also evaluated with generate --protocol self-refine (their row: "<system>-refine").
@@ -79,6 +84,10 @@ class ExperimentConfig:
     prm_label_limit: int = 300
     prm_k: int = 4
     prm_steps: int = 100
+    # online PAD (not data keys: they shape that row only, and its distill --resume checks them)
+    online_steps: int = 100
+    online_lr: float = 1e-4
+    online_prm_coef: float = 0.25
     systems: tuple[str, ...] = tuple(STUDENTS)
     reuse_debates: str | None = None
     jobs: int = 2
@@ -88,14 +97,15 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         for name, low in (("train_problems", 1), ("test_problems", 1), ("seeds", 1), ("eval_seeds", 1),
                           ("agents", 1), ("rounds", 1), ("sc_agents", 1), ("max_per_problem", 1),
-                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1)):
+                          ("row_tokens", 16), ("prm_label_limit", 1), ("prm_k", 1), ("prm_steps", 1), ("jobs", 1),
+                          ("online_steps", 1)):
             _int(name, getattr(self, name), low)
         if self.rft_samples is None:
             self.rft_samples = self.agents * self.rounds  # as many samples as the debate's model calls
         _int("rft_samples", self.rft_samples, 1)
         if self.threads is not None:
             _int("threads", self.threads, 1)
-        for name in ("epochs", "lr"):
+        for name in ("epochs", "lr", "online_lr", "online_prm_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")

@@ -72,15 +72,21 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
     with open(out / "log.txt", "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), \
             contextlib.redirect_stderr(f):
         t0 = time.perf_counter()
+        if job["mode"] == "grpo":  # online PAD: RL steps from its initial student, rollouts at the experiment's T
+            schedule = ["--steps", str(job["online_steps"]), "--lr", str(job["online_lr"]), "--prm", job["prm"],
+                        "--grpo-temperature", str(job["temperature"]),
+                        "--grpo-prm-coef", str(job.get("online_prm_coef", 1.0))]
+        else:
+            schedule = ["--epochs", str(job["epochs"]), "--lr", str(job["lr"]), "--row-tokens", str(job["row_tokens"])]
         argv = ["--data", *job["data"], "--mode", job["mode"], "--model", job["model"],
-                "--output", str(out / "train"), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]),
-                "--lr", str(job["lr"]), "--row-tokens", str(job["row_tokens"]), "--eval-limit", "0",
+                "--output", str(out / "train"), "--seed", str(job["seed"]), *schedule, "--eval-limit", "0",
                 "--threads", str(job["threads"]), "--no-progress", "--no-tensorboard", "--resume"]
         if job["mode"] == "pad":
             argv += ["--pad-weighting", job["pad_weighting"]]
         argv += job.get("distill_argv", [])
         result = distill.main(argv)
         train = {"steps": result["steps_done"], "examples": result["data"]["examples"],
+                 "rollout_tokens": result.get("rollout_tokens"), "rollout_seconds": result.get("rollout_seconds"),
                  "data_tokens": result["data"]["tokens"], "train_tokens": result["train_tokens"],
                  "train_seconds": round(result["train_seconds"], 2), "final_loss": result["final_loss"],
                  "wall_seconds": round(time.perf_counter() - t0, 2), "student": result["model"]}

@@ -204,9 +204,29 @@ class _Experiment:
             self.trajectories(self.root / "train-debates" / "debates.jsonl", out)
             stats = json.loads((out / "stats.json").read_text())
         return {"graphs": stats["graphs"], "correct": stats["correct"]}
+    def online_jobs(self, scored: Path | None) -> list[tuple[str, dict[str, Any]]]:
+        """The ``pad-online`` jobs: each seed starts from the DA student of that seed (so it runs once DA
+        has) and reads the train problems of ``trajectories/pad.jsonl`` and the experiment's PRM."""
+        if "pad-online" not in self.cfg.systems:
+            return []
+        if scored is None:
+            self.missing["pad-online"] = self.missing.get("pad", "no PRM: online PAD needs its step scores")
+            return []
+        jobs = []
+        for name, job in self.student_jobs({"pad-online": [str(self.root / "trajectories" / "pad.jsonl")]}):
+            init = self.root / "students" / "da" / f"seed-{job['seed']}" / "train" / "model"
+            if self.stages.finished(f"student-da-seed{job['seed']}") is None or not (init / "config.json").is_file():
+                self.missing["pad-online"] = f"{name}: it starts from the DA student of seed {job['seed']}, not trained"
+                continue
+            jobs.append((name, {**job, "model": str(init), "prm": str(self.root / "prm" / "model"),
+                                "online_steps": self.cfg.online_steps, "online_lr": self.cfg.online_lr,
+                                "online_prm_coef": self.cfg.online_prm_coef}))
+        return jobs
 
     def run(self) -> dict[str, Any]:
         import torch
+
+        from .jobs import student_job
 
         threads = torch.get_num_threads()
         # One thread per process: on a shared machine torch's default (every core) lets OpenMP threads spin
@@ -214,7 +234,10 @@ class _Experiment:
         torch.set_num_threads(self.cfg.threads_per_job())
         jobs = _Jobs(self)
         try:
-            self._run(jobs)
+            scored = self._run(jobs)
+            jobs.wait()
+            for name, job in self.online_jobs(scored):  # after DA: each starts from a DA student
+                jobs.submit(name, student_job, job)
             jobs.wait()
         finally:
             jobs.close()
@@ -223,7 +246,8 @@ class _Experiment:
             self.ended = True
         return self.report()
 
-    def _run(self, jobs: _Jobs) -> None:
+    def _run(self, jobs: _Jobs) -> Path | None:
+        """Every stage and job but online PAD's; returns the scored ``pad.jsonl`` (None without a PRM)."""
         from .jobs import baseline_job, eval_argv, student_job
 
         cfg, root, st = self.cfg, self.root, self.stages
@@ -259,14 +283,16 @@ class _Experiment:
                 st.run("rft-tokens-data", self.rft_tokens)
                 data["rft-tokens"] = [str(root / "rft-tokens" / "rft.jsonl")]
         jobs.drain()
-        if "pad" in cfg.systems:
+        scored = None
+        if {"pad", "pad-online"} & set(cfg.systems):
             scored = self.prm()
-            if scored is not None:
+            if scored is not None and "pad" in cfg.systems:
                 data["pad"] = [str(scored)]
         jobs.drain()
         self.report()
         for name, job in self.student_jobs(data):
             jobs.submit(name, student_job, job)
+        return scored
 
 
 class _Jobs:
