@@ -683,7 +683,10 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
         ks = k[start:end].transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
         vs = v[start:end].transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
-        scores = (qs.float() @ ks.float().transpose(1, 2)) * scale  # [Hq, L, L]
+        # scores and softmax in fp32 for 16- and 32-bit inputs, in float64 for float64 ones (the same
+        # maths as a float64 model, not fp32 roundings whose pattern depends on the GEMM's blocking)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = (qs.to(acc) @ ks.to(acc).transpose(1, 2)) * scale  # [Hq, L, L]
         if causal:
             L = end - start
             mask = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
@@ -719,7 +722,8 @@ def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         qs = q[start:end].transpose(0, 1)            # [Hq, L, D]
         ks = ks.transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)  # [Hq, C + L, D]
         vs = vs.transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
-        scores = (qs.float() @ ks.float().transpose(1, 2)) * scale   # [Hq, L, C + L]
+        acc = torch.promote_types(q.dtype, torch.float32)  # as in varlen_attention_reference
+        scores = (qs.to(acc) @ ks.to(acc).transpose(1, 2)) * scale   # [Hq, L, C + L]
         L, C = end - start, prefix[b]
         mask = torch.ones(L, C + L, dtype=torch.bool, device=q.device).triu(C + 1)  # key j > C + i
         scores = scores.masked_fill(mask, float("-inf"))
