@@ -147,5 +147,6 @@ def test_fsdp_needs_torchrun(traj_file, tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="--fsdp runs under torchrun"):
         distill(settings(traj_file, tmp_path / "x", fsdp=True), log=None)
-    with pytest.raises(ValueError, match="--fsdp-cpu-offload needs --fsdp"):
-        distill(settings(traj_file, tmp_path / "y", fsdp_cpu_offload=True), log=None)
+    for fsdp in (False, True):  # nothing to offload from a CPU device
+        with pytest.raises(ValueError, match=f"--fsdp-cpu-offload needs --fsdp on a GPU.*fsdp={fsdp}, device='cpu'"):
+            distill(settings(traj_file, tmp_path / "y", fsdp=fsdp, fsdp_cpu_offload=True, device="cpu"), log=None)

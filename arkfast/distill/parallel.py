@@ -69,8 +69,8 @@ class Parallel:
 
     def __init__(self, model: DecoderModel, ranks: Ranks, device: torch.device, *, fsdp: bool = False,
                  precision: str = "fp32", cpu_offload: bool = False, gradient_checkpointing: bool = False):
-        if cpu_offload and not fsdp:
-            raise ValueError("--fsdp-cpu-offload needs --fsdp (DDP keeps the whole model on each GPU)")
+        if cpu_offload and not (fsdp and device.type == "cuda"):
+            raise ValueError(f"cpu_offload needs fsdp on a GPU, got fsdp={fsdp}, device {device}")
         self.model, self.ranks, self.module_device = model, ranks, device
         self.module: nn.Module = LossModule(model, device, gradient_checkpointing)
         if fsdp:

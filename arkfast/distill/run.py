@@ -113,6 +113,9 @@ def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print)
         # the default folder is shared by every default run: continue or reuse it, never refuse it
         config = dataclasses.replace(config, resume=True)
     cfg = config.resolved()
+    if cfg.fsdp_cpu_offload and not (cfg.fsdp and torch.device(cfg.device).type == "cuda"):
+        raise ValueError(f"--fsdp-cpu-offload needs --fsdp on a GPU (it keeps the GPU's shards and optimiser state "
+                         f"in CPU memory); got fsdp={cfg.fsdp}, device={cfg.device!r}")
     ranks, device = init_ranks(cfg.device, group=cfg.fsdp)
     cfg = dataclasses.replace(cfg, device=device)
     if cfg.batch_rows % (ranks.world * cfg.micro_batch_rows):
