@@ -34,7 +34,7 @@ from arkfast.train import PackedRow
 from .loop import micro_batch_loss_sum
 from .ranks import Ranks
 
-__all__ = ["Gathered", "LossModule", "Parallel", "train_step", "wrap"]
+__all__ = ["Gathered", "LossModule", "Parallel", "sum_hook", "train_step", "wrap"]
 
 
 class LossModule(nn.Module):
@@ -51,7 +51,7 @@ class LossModule(nn.Module):
         return micro_batch_loss_sum(self.model, row, self.device, self.gradient_checkpointing)
 
 
-def _sum_hook(group, bucket):
+def sum_hook(group, bucket):
     """DDP communication hook: all-reduce a bucket of gradients as a sum (DDP's default divides by
     the world size)."""
     import torch.distributed as dist
@@ -82,7 +82,7 @@ class Parallel:
             self.kind = "ddp"
             # device_ids=None: the module is on one device already and PackedRow moves itself there.
             self.module = DistributedDataParallel(self.module, device_ids=None)
-            self.module.register_comm_hook(None, _sum_hook)
+            self.module.register_comm_hook(None, sum_hook)
         else:
             self.kind = "single"
 

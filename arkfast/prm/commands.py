@@ -212,6 +212,7 @@ def _split_by_problem(records: list[dict[str, Any]], fraction: float, seed: int)
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from arkfast.distill.ranks import init_ranks
     from arkfast.models import load_model
     from arkfast.trajectories import default_step_mode, tokenizer_fingerprint
 
@@ -221,8 +222,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .model import PRMConfig, ProcessRewardModel
     from .training import PRMTrainConfig, evaluate_rows, read_trainer_state, train_prm
 
+    # Under torchrun: DDP over the ranks (gloo on CPU, nccl on CUDA, each rank on its local GPU); rank 0
+    # alone labels what is missing, draws the bar, evaluates and writes.
+    ranks, device = init_ranks(args.device or "cpu")
     paths = default_paths()
     labels_path = Path(args.labels or paths["labels"])
+    if ranks.world > 1 and not labels_path.is_file():
+        raise ValueError(f"no labels at {labels_path}; under torchrun label first (python -m arkfast.prm label)")
     if not labels_path.is_file() and labels_path.resolve() == paths["labels"].resolve():
         from .__main__ import main as prm_main
 
@@ -246,7 +252,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PRMTrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, seed=args.seed,
                          contrastive_weight=args.contrastive_weight,
                          contrastive_temperature=args.contrastive_temperature, output_dir=str(out),
-                         num_threads=args.threads, device=args.device or "cpu", time_limit_s=args.time_limit,
+                         num_threads=args.threads, device=device, time_limit_s=args.time_limit,
                          eval_every=args.eval_every, log_every=args.log_every, save_every=args.save_every)
     data = {"labels_sha256": _file_digest(labels_path), "val_fraction": args.val_fraction,
             "row_tokens": row_tokens, "projection_dim": args.projection_dim, "base_model": str(base.resolve())}
@@ -255,13 +261,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                        base_model=str(base), label_source=",".join(sources),
                        step_mode=default_step_mode(records[0]["task"]))
     prm = ProcessRewardModel(load_model(base, device=cfg.device), config, seed=args.seed)
-    before = evaluate_rows(prm, held_rows, cfg.device) if held_rows else None
+    before = evaluate_rows(prm, held_rows, cfg.device) if held_rows and ranks.main else None
     resume = bool(args.resume and previous is not None)
     bar = tqdm(total=cfg.steps, initial=previous["step"] if resume else 0, unit="step", desc="train prm",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not ranks.main)
     result = train_prm(prm, train_rows, cfg, held_rows, tokenizer=tokenizer, log=bar.write,
-                       progress=lambda: bar.update(1), resume=resume, data=data)
+                       progress=lambda: bar.update(1), resume=resume, data=data, ranks=ranks)
     bar.close()
+    if not ranks.main:
+        return {"output": str(out), "optimizer_steps": result.steps}
     held_auroc = None
     if held_examples:
         scores = score_examples(prm, held_examples, row_tokens=row_tokens)
