@@ -105,3 +105,61 @@ def test_train_cli_under_torchrun_matches_one_process(tmp_path):
     assert metrics == reference and len(metrics) == one["optimizer_steps"] == 4
     a, b = load_prm(tmp_path / "two").state_dict(), load_prm(tmp_path / "one").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _labels(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_label_shards_merge_to_the_one_process_file(tmp_path):
+    """``prm label --shard 0/2`` and ``1/2`` (outcome labels): the last shard merges, and the merged
+    file is the one-process file byte for byte (both list the selection's order)."""
+    from test_prm import _cli
+
+    from arkfast.trajectories import write_trajectories
+
+    tok = load_tokenizer(TINY)
+    traj = tmp_path / "pad.jsonl"
+    write_trajectories(traj, _records(tok, 9, seed=2))
+    common = ["label", "--trajectories", traj, "--method", "outcome", "--limit", 0]
+    one = _cli(*common, "--output", tmp_path / "one.jsonl")
+    out = tmp_path / "two.jsonl"
+    part = _cli(*common, "--output", out, "--shard", "1/2")
+    assert not out.exists() and 0 < part["trajectories_labelled"] < 9 and part["config"]["shard"] == "1/2"
+    merged = _cli(*common, "--output", out, "--shard", "0/2")
+    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes() and merged["parts"] == 2
+    for key in ("trajectories_labelled", "steps", "mean_label", "steps_label_0", "steps_label_1", "label_source"):
+        assert merged[key] == one[key], key
+    assert merged["config"] == one["config"]
+    with pytest.raises(ValueError, match="already exists; pass --resume"):
+        _cli(*common, "--output", out, "--shard", "0/2")
+
+
+def test_monte_carlo_labels_under_torchrun_equal_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m arkfast.prm label`` (Monte Carlo rollouts on the tiny model, one
+    engine per rank): each rollout's seed depends on the trajectory, step and sample only, so the
+    merged labels are the one-process run's, listed in the selection's order."""
+    from test_prm import _cli
+
+    from arkfast.trajectories import write_trajectories
+
+    tok = load_tokenizer(TINY)
+    traj = tmp_path / "pad.jsonl"
+    write_trajectories(traj, _records(tok, 4, seed=3))
+    common = ["label", "--trajectories", str(traj), "--k", "2", "--max-tokens", "8", "--limit", "0",
+              "--device", "cpu", "--threads", "1"]
+    _cli(*common, "--output", tmp_path / "one.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "arkfast.prm", *common, "--output", str(tmp_path / "two.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("label source") == 1, proc.stdout  # rank 0 alone prints
+    one, two = _labels(tmp_path / "one.jsonl"), _labels(tmp_path / "two.jsonl")
+    assert sorted(one, key=lambda r: r["id"]) == sorted(two, key=lambda r: r["id"]) and len(two) == 4
+    parts = sorted((tmp_path / "two.jsonl.parts").glob("*.jsonl"))
+    assert [len(_labels(p)) for p in parts] == [2, 2]  # both ranks labelled
+    from arkfast.prm.commands import select_trajectories
+
+    assert [r["id"] for r in two] == [r["id"] for r in select_trajectories(_records(tok, 4, seed=3), 0, 0)]

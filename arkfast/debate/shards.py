@@ -73,9 +73,9 @@ class Shard:
     def owns(self, problem_id: str) -> bool:
         return zlib.crc32(problem_id.encode("utf-8")) % self.count == self.index
 
-    def select(self, problems: Sequence) -> list:
-        """This shard's problems (objects with an ``id``), in their order."""
-        return [p for p in problems if self.owns(p.id)]
+    def select(self, items: Sequence, key=lambda item: item.id) -> list:
+        """This shard's items (problems, or anything whose ``key`` is its id), in their order."""
+        return [item for item in items if self.owns(key(item))]
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"

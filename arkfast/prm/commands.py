@@ -75,7 +75,9 @@ def _engine(args: argparse.Namespace, model: str):
         options["max_num_seqs"] = args.max_num_seqs
     if getattr(args, "no_prefix_caching", False):
         options["enable_prefix_caching"] = False
-    return arkfast.LLM(model, dtype=args.dtype, device=args.device, seed=args.seed, **options)
+    from arkfast.debate.shards import rank_device
+
+    return arkfast.LLM(model, dtype=args.dtype, device=rank_device(args.device), seed=args.seed, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,10 +98,12 @@ _RESUME_KEYS = ("method", "k", "hard", "temperature", "top_p", "max_tokens", "se
 def run_label(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from arkfast.debate.shards import resolve_shard
     from arkfast.trajectories import read_trajectories
 
     from .files import read_label_records_for_resume
     from .labels import LabelConfig, LabelStats, label_source, monte_carlo_labels, outcome_labels
+    from .shards import label_part, merge_label_parts, parts_finished
 
     _set_threads(args)
     paths = default_paths()
@@ -114,6 +118,16 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
               "trajectories": str(trajectories), "limit": args.limit}
     tokenizer = _load_tokenizer(Path(model))
     records = select_trajectories(read_trajectories(trajectories, tokenizer=tokenizer), args.limit, args.seed)
+    shard, under_torchrun = resolve_shard(args.shard)
+    final_out, order = out, [r["id"] for r in records]
+    if shard is not None:  # this shard's trajectories into its own part (an ordinary, resumable label file)
+        if not args.resume and out.exists() and out.stat().st_size > 0:
+            raise ValueError(f"{out} already exists; pass --resume to continue it or another --output")
+        out = label_part(final_out, shard)
+        summary_path = out.with_name(out.stem + ".summary.json")
+        records = shard.select(records, key=lambda r: r["id"])
+        config["shard"] = str(shard)
+    speaks = shard is None or not under_torchrun or shard.index == 0
 
     if args.resume:
         if summary_path.is_file():
@@ -151,7 +165,8 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
     else:
         llm = _engine(args, model)
         stream = monte_carlo_labels(llm, todo, cfg, stats)
-    bar = tqdm(total=len(todo), unit="traj", desc=f"label ({source})", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="traj", desc=f"label ({source})" + (f" {shard}" if shard else ""),
+               dynamic_ncols=True, disable=not speaks)
     finished = False
     t0 = time.perf_counter()
     try:
@@ -174,8 +189,25 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
         if not finished:
             print(f"stopped after {len(done)} of {len(records)} trajectories; continue with the same flags "
                   f"and --resume")
+    if shard is not None:
+        if under_torchrun and shard.index == 0:
+            summary = merge_label_parts(final_out, shard.count, order, wait=True)  # the other ranks' parts
+        elif not under_torchrun and parts_finished(final_out, shard.count):
+            summary = merge_label_parts(final_out, shard.count, order)  # the last shard to finish merges
+        else:
+            if speaks:
+                print(f"wrote part {shard} in {out}; the last shard to finish merges the parts into {final_out}")
+            return summary
+        out, summary_path = final_out, final_out.with_name(final_out.stem + ".summary.json")
+        stats = LabelStats(**{k: v for k, v in summary["this_run"].items()  # the parts' work added up
+                              if k not in ("prefix_cache_hit_rate", "tokens_per_second")})
+        labelled = f"{summary['trajectories_labelled']} (in {shard.count} parts)"
+    else:
+        labelled = f"{len(done)} ({len(todo)})"
+    if not speaks:
+        return summary
     print(format_table([
-        ("label source", source), ("trajectories labelled (this run)", f"{len(done)} ({len(todo)})"),
+        ("label source", source), ("trajectories labelled (this run)", labelled),
         ("steps", summary["steps"]), ("mean step label", summary["mean_label"]),
         ("steps labelled 0 / 1", f"{summary['steps_label_0']} / {summary['steps_label_1']}"),
         ("rollouts (this run)", stats.requests), ("tokens generated", stats.generated_tokens),
