@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
 
-    from arkfast.debate import DebateConfig, format_summary, run_debates, summarize
-    from arkfast.debate import shards
+    from arkfast.debate import DebateConfig, format_summary, run_debates, shards, summarize
 
     if args.merge is not None:
         summary = shards.merge_parts(Path(args.merge))
@@ -246,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out
     if shard is not None:  # this shard's problems, into its own part folder (an ordinary run folder)
-        if not args.resume and (out / "debates.jsonl").exists() and (out / "debates.jsonl").stat().st_size > 0:
-            raise ValueError(f"{out / 'debates.jsonl'} already exists; pass --resume to continue it or another --output")
+        merged = out / "debates.jsonl"
+        if not args.resume and merged.exists() and merged.stat().st_size > 0:
+            raise ValueError(f"{merged} already exists; pass --resume to continue it or another --output")
         shards.check_parts(out, shard)
         shards.write_problem_order(out, [p.id for p in problems])
         problems = shard.select(problems)
@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_summary(finished=not todo)
     last_summary = time.perf_counter()
     correct = sum(1 for r in records if r["correct"])
-    bar = tqdm(total=len(todo), unit="problem", desc=debate.protocol if shard is None else f"{debate.protocol} {shard}",
-               dynamic_ncols=True, disable=not speaks)
+    desc = debate.protocol if shard is None else f"{debate.protocol} {shard}"
+    bar = tqdm(total=len(todo), unit="problem", desc=desc, dynamic_ncols=True, disable=not speaks)
     finished = False
     try:
         with open(debates_path, "a", encoding="utf-8") as f:

@@ -393,7 +393,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(traj_file, tmp_path, mo
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(traj_file, tmp_path, monkeypatch):
-    import arkfast.distill.parallel as parallel  # where the trainer calls the loss
+    from arkfast.distill import parallel  # where the trainer calls the loss
 
     real, calls = parallel.micro_batch_loss_sum, []
 

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_distill
 import torch
-from test_distill import VOCAB, random_examples, small_config, traj_file, tiny_tok  # noqa: F401 (fixtures)
+from test_distill import VOCAB, random_examples, small_config
 
 from arkfast.distill import DistillConfig, distill
 from arkfast.distill.checkpoints import read_jsonl
@@ -24,9 +25,11 @@ from arkfast.train import new_model, pack_rows
 from kernel_testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
+traj_file, tiny_tok = test_distill.traj_file, test_distill.tiny_tok  # the fixtures, shared
 STEPS, BATCH_ROWS, LR = 3, 4, 1e-2
 
-def run_steps(fsdp: bool, tied: bool, micro_batch_rows: int) -> dict:
+
+def run_steps(fsdp: bool, tied: bool, micro_batch_rows: int, checkpointing: bool = False) -> dict:
     """``STEPS`` optimiser steps (clipping at 1.0 active: the norms are ~8) of a float64 tiny model on
     ``BATCH_ROWS`` packed rows per step, over the ranks of this process's torchrun launch (or alone):
     ``{"losses", "norms", "weights"}`` (weights on rank 0 only)."""
@@ -38,7 +41,7 @@ def run_steps(fsdp: bool, tied: bool, micro_batch_rows: int) -> dict:
     rows = pack_rows(random_examples(40, seed=3), 40)
     assert len(rows) >= STEPS * BATCH_ROWS, len(rows)
     par, optimizer = wrap(model, ranks, torch.device("cpu"), fsdp=fsdp, precision="fp32", cpu_offload=False,
-                          gradient_checkpointing=False, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+                          gradient_checkpointing=checkpointing, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     losses, norms = [], []
     for step in range(STEPS):
         step_rows = rows[step * BATCH_ROWS:(step + 1) * BATCH_ROWS]
@@ -62,18 +65,20 @@ def torchrun(args: list[str], nproc: int = 2, cwd: Path | None = None) -> subpro
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("fsdp, tied", [(False, True), (True, True), (True, False)], ids=["ddp", "fsdp-tied", "fsdp-untied"])
-def test_two_ranks_equal_one_process_float64(tmp_path, fsdp, tied):
+@pytest.mark.parametrize("fsdp, tied, checkpointing", [(False, True, False), (True, True, False), (True, False, True)],
+                         ids=["ddp", "fsdp-tied", "fsdp-untied-checkpointed"])
+def test_two_ranks_equal_one_process_float64(tmp_path, fsdp, tied, checkpointing):
     """Two ranks x two micro-batches of one row each == one process x four micro-batches. In float64
     the only difference is the order of the gradient sums ((g1 + g2) + (g3 + g4) against
     ((g1 + g2) + g3) + g4, and the norm's sum of squares over FSDP's shards): a few units of 2^-53
     relative per step, and AdamW's m / sqrt(v) carries them over with a factor of order one, so 1e-12
     relative on losses, norms and weights after three steps leaves four orders of magnitude of room.
-    Untied, the LM head is a parameter of its own that the fused loss reads: FSDP must gather it."""
+    Untied, the LM head is a parameter of its own that the fused loss reads: FSDP must gather it; that
+    case also recomputes each (FSDP-sharded) layer in the backward, against a one-process run without."""
     one = run_steps(fsdp=False, tied=tied, micro_batch_rows=1)
     script = tmp_path / "steps.py"
     script.write_text(f"import torch, test_distill_parallel as t\n"
-                      f"r = t.run_steps(fsdp={fsdp}, tied={tied}, micro_batch_rows=1)\n"
+                      f"r = t.run_steps(fsdp={fsdp}, tied={tied}, micro_batch_rows=1, checkpointing={checkpointing})\n"
                       f"if r['weights'] is not None: torch.save(r, {str(tmp_path / 'two.pt')!r})\n")
     torchrun([str(script)])
     two = torch.load(tmp_path / "two.pt")

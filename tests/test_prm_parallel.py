@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_prm import TINY, _exact_examples, _records, load_prm_backbone
 
 from arkfast.distill.ranks import init_ranks
 from arkfast.models import load_tokenizer
 from arkfast.prm import PRMConfig, ProcessRewardModel, pack_step_rows
 from arkfast.prm.training import PRMTrainConfig, train_prm
 from kernel_testing import assert_close
-from test_prm import TINY, _exact_examples, _records, load_prm_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("step", "bce", "contrastive", "grad_norm", "tokens")

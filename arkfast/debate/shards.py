@@ -29,7 +29,7 @@ from typing import Any
 from .summary import summarize
 
 __all__ = ["Shard", "check_parts", "merge_parts", "part_dir", "parts_finished", "rank_device", "read_problem_order",
-           "resolve_shard", "wait_and_merge", "write_problem_order"]
+           "resolve_shard", "wait_and_merge", "write_problem_order", "write_text_atomic"]
 
 PARTS = "parts"
 ORDER = "problems.txt"
@@ -117,7 +117,8 @@ def part_dir(out: Path, shard: Shard) -> Path:
     return Path(out) / PARTS / f"{shard.index:05d}-of-{shard.count:05d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file of this process and a rename (never half-written)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shards may write the same file at once
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -137,7 +138,7 @@ def write_problem_order(out: Path, ids: Sequence[str]) -> None:
         raise ValueError(f"{path} lists other problems than this run's (another dataset, split or --limit?); "
                          f"use the run's settings or another --output")
     if not path.exists():
-        _write_atomic(path, text)
+        write_text_atomic(path, text)
 
 
 def read_problem_order(out: Path) -> list[str]:
@@ -214,7 +215,7 @@ def merge_parts(out: Path) -> dict[str, Any]:
         raise ValueError(f"{out}: the parts hold {len(by_id)} records for {len(order)} problems "
                          f"(missing {lost[:3]}...)")
     records = [by_id[i] for i in order]
-    _write_atomic(out / "debates.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out / "debates.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     first = summaries[0]
     runs = [summaries[i]["run"] for i in range(n)]
     summary = {**summarize(records, num_rounds=configs[0]["rounds"]),
@@ -225,5 +226,5 @@ def merge_parts(out: Path) -> dict[str, Any]:
                "finished": True, "protocol": first["protocol"], "model": first["model"], "task": first["task"],
                "config": configs[0],
                "arkfast_version": first["arkfast_version"], "parts": n}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # shards may merge at once
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # shards may merge at once
     return summary

@@ -42,7 +42,7 @@ def parts_finished(out: Path, count: int) -> bool:
 def merge_label_parts(out: Path, count: int, order: Sequence[str], *, wait: bool = False) -> dict[str, Any]:
     """Write ``out`` (the parts' records in the order of the ids ``order``) and its summary; with
     ``wait``, first wait for every part to finish (the other ranks of a torchrun launch)."""
-    from arkfast.debate.shards import _write_atomic
+    from arkfast.debate.shards import write_text_atomic
     from arkfast.generate import read_records, write_json_atomic
 
     while wait and not parts_finished(out, count):
@@ -60,7 +60,7 @@ def merge_label_parts(out: Path, count: int, order: Sequence[str], *, wait: bool
         raise ValueError(f"{out}: the parts hold {len(by_id)} records for {len(order)} trajectories "
                          f"(missing {missing[:3]})")
     records = [by_id[i] for i in order]
-    _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     labels = [v for r in records for v in r["step_labels"]]
     runs = [s["this_run"] for s in summaries]
     this_run = {k: sum(r[k] for r in runs) for k in runs[0] if k not in ("tokens_per_second", "seconds",
