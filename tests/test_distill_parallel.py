@@ -148,6 +148,18 @@ def test_ddp_checkpoint_resumes_in_one_process_bit_for_bit(traj_file, tmp_path):
     assert resumed["losses"] == one["losses"] and all(math.isfinite(x) for x in one["losses"])
 
 
+def test_fsdp_bf16_forward_is_the_one_process_bf16_forward(traj_file, tmp_path):
+    """``--fsdp --precision bf16`` gathers bf16 copies of the fp32 shards (the mixed-precision policy);
+    the one-process bf16 run rounds its weights to bf16 the same way, so the first step's loss (before
+    any update) is the same computation: equal up to the float64 sum of the four rows' fp32 losses in
+    another order, 1e-12 relative. (With FSDP casting the layers' floating inputs, the rotary
+    frequencies went to bf16 too and this loss moved by 1e-3.)"""
+    one = distill(settings(traj_file, tmp_path / "one", precision="bf16", stop_after=1), log=None)
+    torchrun(cli(traj_file, tmp_path / "fsdp", "--fsdp", "--precision", "bf16", "--stop-after", "1"))
+    first = read_jsonl(tmp_path / "fsdp" / "metrics.jsonl")[0]["loss"]
+    assert first == pytest.approx(one["losses"][0], rel=1e-12, abs=0)
+
+
 def test_fsdp_needs_torchrun(traj_file, tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="--fsdp runs under torchrun"):

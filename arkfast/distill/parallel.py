@@ -89,7 +89,9 @@ class Parallel:
     def _shard(self, precision: str, cpu_offload: bool) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: a layer's floating inputs include the rotary frequencies, which
+        # must stay fp32 (DecoderModel._apply); the hidden states are bf16 already from the bf16 embedding.
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
               if precision == "bf16" else MixedPrecisionPolicy())
         offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for layer in self.model.layers:
