@@ -100,7 +100,9 @@ class Parallel:
         for m in (*self.model.layers, self.module):
             m.set_gradient_divide_factor(1.0)  # sums, see the module docstring
             # plain SUM collectives: with a factor FSDP would otherwise ask for PREMUL_SUM, which gloo lacks
-            m.set_force_sum_reduction_for_comms(True)
+            # (the switch is newer than FSDP2 itself; older releases do not ask for PREMUL_SUM on gloo)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)
 
     def optimizer_precision(self, precision: str) -> str:
         """The ``precision`` to give :class:`arkfast.distill.loop.Optimizer`: under FSDP the sharded
