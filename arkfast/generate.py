@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = write_summary(finished=finished)
         if not finished:
             print(f"stopped after {len(records)} of {len(records) + len(todo) - run['problems']} problems; "
-                  f"continue with the same flags and --output {out} --resume", file=sys.stderr)
+                  f"continue with the same flags and --output {run_dir} --resume", file=sys.stderr)
     if shard is not None:
         if under_torchrun and shard.index == 0:
             summary = shards.wait_and_merge(run_dir)  # the other ranks' parts
