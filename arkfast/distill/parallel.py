@@ -129,8 +129,8 @@ class Parallel:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def full_weights(self) -> DecoderModel | None:
-        """The whole model as a CPU :class:`DecoderModel` on rank 0 (``None`` elsewhere); under FSDP
-        gathered from the shards (every rank must call this)."""
+        """The whole model on rank 0 (``None`` elsewhere): :attr:`model` itself, or under FSDP a CPU
+        :class:`DecoderModel` gathered from the shards (a collective: every rank must call this)."""
         if self.kind != "fsdp":
             return self.model if self.ranks.main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
