@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FSDP2; bf16 is its mixed-precision policy) instead of DDP's whole copy per rank "
                         "(default: off)")
     g.add_argument("--fsdp-cpu-offload", action="store_true", default=S,
-                   help="with --fsdp, keep the shards and the optimiser state in CPU memory (default: off)")
+                   help="with --fsdp on GPUs, keep the shards and the optimiser state in CPU memory (default: off)")
     g.add_argument("--threads", type=int, default=S,
                    help="torch CPU threads for the run (default: 1 on CPU, where runs are bit-reproducible "
                         "for a given thread count; torch's on CUDA)")
