@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on a GPU, "
                                                   "else float32)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if present)")
+    g.add_argument("--threads", type=POSITIVE_INT, metavar="N", default=None,
+                   help="torch CPU threads (default: torch's, every core; on a machine whose cores other jobs "
+                        "use, 1 is many times faster)")
     g.add_argument("--block-size", type=POSITIVE_INT, metavar="N", default=None,
                    help="KV-cache block size, a power of two >= 16 (default: engine's, 16)")
     g.add_argument("--num-kv-blocks", type=POSITIVE_INT, metavar="N", default=None,
@@ -217,6 +220,10 @@ def _check_resume_config(out: Path, config: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the summary it wrote."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
     from arkfast.debate import DebateConfig, format_summary, run_debates, shards, summarize

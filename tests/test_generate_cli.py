@@ -49,12 +49,15 @@ def test_help_lists_every_flag_with_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--model", "--dataset", "--task", "--question-field", "--answer-field", "--split", "--limit",
                  "--protocol", "--agents", "--rounds", "--aggregator", "--layout", "--temperature", "--top-p",
-                 "--top-k", "--max-tokens", "--seed", "--dtype", "--device", "--output", "--resume",
+                 "--top-k", "--max-tokens", "--seed", "--dtype", "--device", "--threads", "--output", "--resume",
                  "--block-size", "--num-kv-blocks", "--max-num-seqs", "--no-prefix-caching"):
         assert flag in text, flag
     assert "(default: debate)" in text and "(default: 5)" in text and "(default: 0.5)" in text
     args = build_parser().parse_args([])
     assert (args.protocol, args.agents, args.rounds, args.layout, args.temperature) == ("debate", 5, 2, "shared", 0.5)
+    assert args.threads is None and build_parser().parse_args(["--threads", "1"]).threads == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--threads", "0"])
 
 
 def test_missing_default_model_is_a_clear_error():
