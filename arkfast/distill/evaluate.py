@@ -8,10 +8,11 @@ with per-problem seeds derived from ``seed``, so two evaluations of the same wei
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate_accuracy"]
+__all__ = ["evaluate_accuracy", "step_evaluator"]
 
 
 def evaluate_accuracy(checkpoint: str | Path, *, limit: int, temperature: float = 0.5, seed: int = 0,
@@ -39,3 +40,24 @@ def evaluate_accuracy(checkpoint: str | Path, *, limit: int, temperature: float 
     return {"accuracy": correct / len(problems), "correct": correct, "problems": len(problems),
             "temperature": temperature, "seed": seed, "completion_tokens": tokens,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def step_evaluator(cfg, runlog, evals: list[dict[str, Any]], log: Callable[[str], None],
+                   enabled: bool = True) -> Callable[[int, str | Path], None]:
+    """``evaluate(step, checkpoint)`` for a training loop: :func:`evaluate_accuracy` with the run's
+    ``--eval-*`` settings (a :class:`~arkfast.distill.config.DistillConfig`), the record appended to
+    ``evals`` and to ``eval.jsonl`` (``runlog``) and logged; a no-op without ``--eval-limit`` or when
+    not ``enabled`` (a rank other than 0)."""
+
+    def evaluate(step: int, path: str | Path) -> None:
+        if not cfg.eval_limit or not enabled:
+            return
+        record = {"step": step, **evaluate_accuracy(path, limit=cfg.eval_limit, temperature=cfg.eval_temperature,
+                                                    seed=cfg.eval_seed, dataset=cfg.eval_dataset,
+                                                    split=cfg.eval_split, device=cfg.device)}
+        evals.append(record)
+        runlog.eval(record)
+        log(f"step {step}: accuracy {100 * record['accuracy']:.1f}% ({record['correct']}/{record['problems']}, "
+            f"T={cfg.eval_temperature}, {record['seconds']:.0f}s)")
+
+    return evaluate

@@ -99,7 +99,7 @@ def distill_grpo(cfg: DistillConfig, given_data: bool, log: Callable[[str], None
 
     from .checkpoints import RunLog, latest_checkpoint, load_state, read_jsonl, save_state
     from .data import RowOrder, end_of_turn_id
-    from .evaluate import evaluate_accuracy
+    from .evaluate import step_evaluator
     from .grpo import build_batch, clipped_objective, policy_logprobs
     from .loop import Optimizer
     from .plot import plot_curves
@@ -172,16 +172,7 @@ def distill_grpo(cfg: DistillConfig, given_data: bool, log: Callable[[str], None
     files = _base_files(model_dir)
     evals = read_jsonl(runlog.eval_path)
 
-    def evaluate(step: int, path: Path) -> None:
-        if not cfg.eval_limit:
-            return
-        record = {"step": step, **evaluate_accuracy(path, limit=cfg.eval_limit, temperature=cfg.eval_temperature,
-                                                    seed=cfg.eval_seed, dataset=cfg.eval_dataset,
-                                                    split=cfg.eval_split, device=cfg.device)}
-        evals.append(record)
-        runlog.eval(record)
-        log(f"step {step}: accuracy {100 * record['accuracy']:.1f}% ({record['correct']}/{record['problems']}, "
-            f"T={cfg.eval_temperature}, {record['seconds']:.0f}s)")
+    evaluate = step_evaluator(cfg, runlog, evals, log)
 
     def save(step: int) -> Path:
         return save_state(out, step, model, optimizer, meta=meta, extra_files=files, keep=cfg.keep_checkpoints)

@@ -35,7 +35,7 @@ from arkfast.train import TrainConfig, learning_rate, pack_rows
 from .checkpoints import RunLog, latest_checkpoint, load_state, load_weights, read_jsonl, save_state
 from .config import DistillConfig, default_data
 from .data import RowOrder, concat_rows, load_examples, rows_fingerprint
-from .evaluate import evaluate_accuracy
+from .evaluate import step_evaluator
 from .loop import step_target_count
 from .parallel import Gathered, train_step, wrap
 from .plot import plot_curves
@@ -224,16 +224,7 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
     files = _base_files(model_dir)
     evals = [e for e in read_jsonl(runlog.eval_path)]
 
-    def evaluate(step: int, path: Path | None) -> None:
-        if not cfg.eval_limit or not ranks.main:
-            return
-        record = {"step": step, **evaluate_accuracy(path, limit=cfg.eval_limit, temperature=cfg.eval_temperature,
-                                                    seed=cfg.eval_seed, dataset=cfg.eval_dataset,
-                                                    split=cfg.eval_split, device=cfg.device)}
-        evals.append(record)
-        runlog.eval(record)
-        log(f"step {step}: accuracy {100 * record['accuracy']:.1f}% ({record['correct']}/{record['problems']}, "
-            f"T={cfg.eval_temperature}, {record['seconds']:.0f}s)")
+    evaluate = step_evaluator(cfg, runlog, evals, log, enabled=ranks.main)
 
     def save(step: int) -> Path | None:
         weights = par.full_weights()  # under FSDP gathered from every rank, as is the optimiser state
