@@ -4,12 +4,18 @@ on a task.
     python -m arkfast.generate                                   # tiny embedded model, built-in arith
     python -m arkfast.generate --model DIR --dataset gsm8k.jsonl --agents 5 --rounds 2 --limit 100
     python -m arkfast.generate --output runs/x --resume          # continue a run that was cut off
+    torchrun --nproc-per-node 8 -m arkfast.generate --output runs/x ...   # one engine per GPU
+    python -m arkfast.generate --output runs/x --shard 3/8 ...   # shard 3 of 8 (a scheduler's array job)
+    python -m arkfast.generate --merge runs/x                    # merge the finished shards' parts
 
 Writes ``<output>/debates.jsonl`` (one record per problem, appended, flushed and fsync'd as each problem
 finishes) and ``<output>/summary.json`` (rewritten atomically: a temp file, then a rename). With
 ``--resume`` the problems already in ``debates.jsonl`` are skipped, a truncated last line (a crash in
 mid-write) is cut off and redone, and the summary covers every record in the file; its
 ``tokens_per_second`` (and ``run``) are this invocation's throughput, model loading excluded.
+Under ``torchrun`` or with ``--shard i/n`` each process runs its share of the problems into its own
+part folder and the parts are merged into ``debates.jsonl`` + ``summary.json`` at the end
+(:mod:`arkfast.debate.shards`).
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ def default_model_path() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     from arkfast.debate import LAYOUTS, PROTOCOLS
+    from arkfast.debate.shards import Shard
     from arkfast.tasks import TASK_NAMES
 
     p = argparse.ArgumentParser(
@@ -130,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output: skip problems already in its debates.jsonl; the "
                         "protocol, dataset and sampling flags must match the run's (default: off)")
+    g.add_argument("--shard", type=Shard.flag, metavar="I/N", default=None,
+                   help="run only shard I of N (0-based; a problem's shard is a hash of its id) into "
+                        "<output>/parts/, for launches without torchrun such as array jobs; the last shard "
+                        "to finish merges the parts (default: all problems, or the rank's under torchrun)")
+    g.add_argument("--merge", metavar="DIR", default=None,
+                   help="only merge the finished parts of the sharded run in DIR into its debates.jsonl "
+                        "and summary.json, then exit")
     return p
 
 
@@ -212,7 +226,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
-    from arkfast.debate import DebateConfig, format_summary, run_debates, summarize
+    from arkfast.debate import DebateConfig, format_summary, run_debates, shards, summarize
+
+    if args.merge is not None:
+        summary = shards.merge_parts(Path(args.merge))
+        print(format_summary(summary))
+        print(f"wrote {Path(args.merge) / 'debates.jsonl'} and {Path(args.merge) / 'summary.json'}")
+        return summary
+    shard, under_torchrun = shards.resolve_shard(args.shard)
+    speaks = shard is None or not under_torchrun or shard.index == 0  # under torchrun rank 0 prints
     from arkfast.tasks import load_problems
 
     model = str(args.model) if args.model is not None else str(default_model_path())
@@ -229,8 +251,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "split": args.split, "limit": args.limit, "model": model, "dtype": args.dtype,
               "device": args.device, "engine_options": options}
 
+    if shard is not None and args.output is None:
+        raise ValueError(f"shard {shard} needs --output DIR: every shard writes into the same run folder")
     out = _output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
+    run_dir = out
+    if shard is not None:  # this shard's problems, into its own part folder (an ordinary run folder)
+        merged = out / "debates.jsonl"
+        if not args.resume and merged.exists() and merged.stat().st_size > 0:
+            raise ValueError(f"{merged} already exists; pass --resume to continue it or another --output")
+        shards.check_parts(out, shard)
+        shards.write_problem_order(out, [p.id for p in problems])
+        problems = shard.select(problems)
+        config["shard"] = str(shard)
+        out = shards.part_dir(run_dir, shard)
+        out.mkdir(parents=True, exist_ok=True)
     debates_path = out / "debates.jsonl"
     if args.resume:
         _check_resume_config(out, config)
@@ -244,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import arkfast
 
-    llm = arkfast.LLM(model, dtype=args.dtype, device=args.device, seed=args.seed, **options)
+    llm = arkfast.LLM(model, dtype=args.dtype, device=shards.rank_device(args.device), seed=args.seed, **options)
     run = {"problems": 0, "tokens_generated": 0, "seconds": 0.0}
     t0 = time.perf_counter()
 
@@ -260,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_summary(finished=not todo)
     last_summary = time.perf_counter()
     correct = sum(1 for r in records if r["correct"])
-    bar = tqdm(total=len(todo), unit="problem", desc=debate.protocol, dynamic_ncols=True)
+    desc = debate.protocol if shard is None else f"{debate.protocol} {shard}"
+    bar = tqdm(total=len(todo), unit="problem", desc=desc, dynamic_ncols=True, disable=not speaks)
     finished = False
     try:
         with open(debates_path, "a", encoding="utf-8") as f:
@@ -284,9 +320,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = write_summary(finished=finished)
         if not finished:
             print(f"stopped after {len(records)} of {len(records) + len(todo) - run['problems']} problems; "
-                  f"continue with the same flags and --output {out} --resume", file=sys.stderr)
-    print(format_summary(summary))
-    print(f"wrote {debates_path} and {out / 'summary.json'}")
+                  f"continue with the same flags and --output {run_dir} --resume", file=sys.stderr)
+    if shard is not None:
+        if under_torchrun and shard.index == 0:
+            summary = shards.wait_and_merge(run_dir)  # the other ranks' parts
+        elif not under_torchrun and shards.parts_finished(run_dir):
+            summary = shards.merge_parts(run_dir)  # the last shard to finish merges
+        elif speaks:
+            print(f"wrote part {shard} in {out}; once every shard has finished: "
+                  f"python -m arkfast.generate --merge {run_dir}")
+            return summary
+        else:
+            return summary
+        debates_path = run_dir / "debates.jsonl"
+    if speaks:
+        print(format_summary(summary))
+        print(f"wrote {debates_path} and {debates_path.with_name('summary.json')}")
     return summary
 
 

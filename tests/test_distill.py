@@ -393,16 +393,16 @@ def test_crash_during_save_keeps_the_previous_checkpoint(traj_file, tmp_path, mo
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(traj_file, tmp_path, monkeypatch):
-    import arkfast.distill.run as run_mod
+    from arkfast.distill import parallel  # where the trainer calls the loss
 
-    real, calls = run_mod.micro_batch_loss_sum, []
+    real, calls = parallel.micro_batch_loss_sum, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss  # step 5 (one micro-batch per step)
 
-    monkeypatch.setattr(run_mod, "micro_batch_loss_sum", poisoned)
+    monkeypatch.setattr(parallel, "micro_batch_loss_sum", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"step 5: the loss is nan .*last good checkpoint: .*step-000003"):
         distill(small_config(traj_file, out), log=None)

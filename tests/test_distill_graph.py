@@ -284,3 +284,11 @@ def test_graph_mode_under_torchrun_equals_one_process(tiny_tok, tmp_path):
         assert [a[k] for k in ("loss", "token_loss", "margin_loss", "node_loss")] == \
             [b[k] for k in ("loss", "token_loss", "margin_loss", "node_loss")], a["step"]
         assert all(math.isfinite(a[k]) for k in ("margin_loss", "node_loss"))
+
+
+def test_graph_mode_refuses_fsdp_before_reading_anything(tmp_path):
+    # FSDP shards the plain loss module; the graph objective (decoder + heads) runs under DDP instead.
+    from arkfast.distill import DistillConfig, distill
+
+    with pytest.raises(ValueError, match="--mode graph runs without it"):
+        distill(DistillConfig(mode="graph", fsdp=True, data=[str(tmp_path / "absent.jsonl")], output=str(tmp_path)))

@@ -25,7 +25,7 @@ import torch
 
 from arkfast.train import save_checkpoint
 
-__all__ = ["RunLog", "checkpoint_dir", "latest_checkpoint", "load_state", "save_state"]
+__all__ = ["RunLog", "checkpoint_dir", "latest_checkpoint", "load_state", "load_weights", "save_state"]
 
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -78,19 +78,26 @@ def save_state(output: Path, step: int, model, optimizer, *, meta: dict[str, Any
     return path
 
 
-def load_state(path: Path, model, optimizer) -> dict[str, Any]:
-    """Restore ``model`` (weights), ``optimizer`` and the RNG states from checkpoint folder ``path``;
-    returns its ``trainer_state.json``."""
+def load_weights(path: Path, model) -> None:
+    """Copy the weights of checkpoint folder ``path`` into ``model`` (a plain, unsharded one)."""
     from safetensors import safe_open
 
     from arkfast.models.loader import hf_names
 
-    meta = json.loads((path / STATE_JSON).read_text())
-    state = torch.load(path / STATE_PT, weights_only=False)
     with safe_open(str(path / "model.safetensors"), framework="pt") as f, torch.no_grad():
         for name, param in model.named_parameters():
             parts = [f.get_tensor(n) for n in hf_names(name)]
             param.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def load_state(path: Path, model, optimizer) -> dict[str, Any]:
+    """Restore ``model`` (weights; ``None``: already done with :func:`load_weights`, as before FSDP
+    shards it), ``optimizer`` and the RNG states from checkpoint folder ``path``; returns its
+    ``trainer_state.json``."""
+    meta = json.loads((path / STATE_JSON).read_text())
+    state = torch.load(path / STATE_PT, weights_only=False)
+    if model is not None:
+        load_weights(path, model)
     optimizer.load_state_dict(state["optimizer"])  # under bf16 also sets the weights from the fp32 masters
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

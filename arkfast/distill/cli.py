@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .config import MODES, PRECISIONS, DistillConfig, load_config_file, parse_span_weights
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true", default=S,
                    help="recompute each layer's activations in the backward (less memory; default: off)")
     g.add_argument("--device", default=S, help="cuda, cuda:1, cpu (default: cuda when present)")
+    g.add_argument("--fsdp", action="store_true", default=S,
+                   help="under torchrun, shard parameters, gradients and optimiser state over the ranks "
+                        "(FSDP2; bf16 is its mixed-precision policy) instead of DDP's whole copy per rank "
+                        "(default: off)")
+    g.add_argument("--fsdp-cpu-offload", action="store_true", default=S,
+                   help="with --fsdp on GPUs, keep the shards and the optimiser state in CPU memory (default: off)")
     g.add_argument("--threads", type=int, default=S,
                    help="torch CPU threads for the run (default: 1 on CPU, where runs are bit-reproducible "
                         "for a given thread count; torch's on CUDA)")
@@ -203,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     config = config_from_args(argv)
     result = distill(config)
-    print(format_summary(result))
-    print(f"wrote {result['output']} (student: {result['model']})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the run
+        print(format_summary(result))
+        print(f"wrote {result['output']} (student: {result['model']})")
     return result
 
 

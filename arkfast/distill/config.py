@@ -127,6 +127,8 @@ class DistillConfig:
     device: str | None = None
     precision: str | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    fsdp_cpu_offload: bool = False
     threads: int | None = None
     tensorboard: bool = True
     plot: bool = True
@@ -196,8 +198,8 @@ class DistillConfig:
         for name in ("seed", "eval_seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")  # noqa: TRY004 (bad input)
-        for name in ("resume", "continues", "eval_at_start", "gradient_checkpointing", "tensorboard", "plot",
-                     "progress"):
+        for name in ("resume", "continues", "eval_at_start", "gradient_checkpointing", "fsdp", "fsdp_cpu_offload",
+                     "tensorboard", "plot", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
         from .rewards import check_grpo_settings

@@ -230,6 +230,11 @@ class GraphObjective(torch.nn.Module):
         node = F.binary_cross_entropy_with_logits(z, row.node_correct.to(device, z.dtype), reduction="sum")
         return tokens, margin, node
 
+    def forward(self, row: GraphRow, device: torch.device, targets: int, pairs: int, nodes: int,
+                gradient_checkpointing: bool = False) -> torch.Tensor:
+        """:meth:`loss` (the module call DDP wraps)."""
+        return self.loss(row, device, targets, pairs, nodes, gradient_checkpointing)
+
     def loss(self, row: GraphRow, device: torch.device, targets: int, pairs: int, nodes: int,
              gradient_checkpointing: bool = False) -> torch.Tensor:
         """This row's share of ``L``, with the step's counts ``N``, ``P``, ``J``; the unweighted term

@@ -88,10 +88,11 @@ class Optimizer:
     """
 
     def __init__(self, model: DecoderModel, *, precision: str, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float):
+                 weight_decay: float, sharded=None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model = model
+        self.sharded = sharded  # an FSDP arkfast.distill.parallel.Parallel: its state is gathered whole
         if precision == "bf16":
             model.to(torch.bfloat16)
         named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
@@ -119,20 +120,12 @@ class Optimizer:
                     m.grad = g if m.grad is None else m.grad.add_(g)
                     p.grad = None
 
-    def sum_over_ranks(self, ranks) -> None:
-        """Sum the accumulated gradients over the ranks (:class:`arkfast.distill.ranks.Ranks`); a
-        tensor a rank left without a gradient contributes zeros."""
-        if ranks.world == 1:
-            return
-        for t in self.trained:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-        ranks.sum_([t.grad for t in self.trained])
-
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm of the accumulated gradients (a 0-dim tensor; no host sync)."""
+        """The global L2 norm of the accumulated gradients (a 0-dim tensor; no host sync). Under FSDP
+        the norm of the shards' norms, all-reduced (a replicated value on every rank)."""
         grads = [t.grad for t in self.trained if t.grad is not None]
-        return torch.nn.utils.get_total_norm(grads, foreach=False) if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads, foreach=False) if grads else torch.zeros(())
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def step(self, lr: float, grad_clip: float, norm: torch.Tensor | None = None) -> None:
         """Clip the gradients to ``grad_clip`` (0: off) given their ``norm`` (:meth:`grad_norm`), take
@@ -157,10 +150,21 @@ class Optimizer:
         self.model.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
+        """The state to save; under FSDP gathered whole (by parameter name) on rank 0, a collective
+        every rank must enter."""
+        if self.sharded is not None:
+            return {"optimizer": self.sharded.full_optimizer_state(self.opt), "master": None, "layout": "fsdp"}
         return {"optimizer": self.opt.state_dict(),
                 "master": None if self.master is None else [m.detach().clone() for m in self.master]}
 
     def load_state_dict(self, state: dict) -> None:
+        saved, now = state.get("layout", "plain"), "plain" if self.sharded is None else "fsdp"
+        if saved != now:
+            raise ValueError(f"the checkpoint's optimiser state was saved {'with' if saved == 'fsdp' else 'without'} "
+                             f"--fsdp; resume {'with' if saved == 'fsdp' else 'without'} it (any number of ranks)")
+        if self.sharded is not None:
+            self.sharded.load_full_optimizer_state(self.opt, state["optimizer"])
+            return
         self.opt.load_state_dict(state["optimizer"])
         if (state["master"] is None) != (self.master is None):
             raise ValueError("the checkpoint was saved with another precision (fp32 vs bf16 master weights)")

@@ -3,9 +3,9 @@ writes.
 
 Every rank builds all the rows (the data is small next to the model) and computes the step's target
 count ``N`` over *all* the step's rows from host-side labels, so each rank's micro-batch losses are
-already divided by the global ``N`` with no communication. Summing the ranks' gradients (one
-all-reduce per tensor, after the step's last micro-batch) then gives exactly the gradient of one
-process training every row: ``sum_ranks sum_m dL_m = dL``. With one process nothing here communicates.
+already divided by the global ``N`` with no communication. Summing the ranks' gradients (DDP or FSDP2,
+:mod:`arkfast.distill.parallel`) then gives exactly the gradient of one process training every row:
+``sum_ranks sum_m dL_m = dL``. With one process nothing here communicates.
 
     torchrun --nproc_per_node 2 -m arkfast.distill --data rsft.jsonl --batch-rows 8
 """
@@ -52,12 +52,15 @@ class Ranks:
             dist.barrier()
 
 
-def init_ranks(device: str) -> tuple[Ranks, str]:
+def init_ranks(device: str, *, group: bool = False) -> tuple[Ranks, str]:
     """``(ranks, device)`` from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): the
     process group is started (nccl on CUDA, gloo on CPU) and, on CUDA, each rank takes the GPU of its
-    local rank. Without torchrun: ``(Ranks(), device)`` unchanged."""
+    local rank. Without torchrun: ``(Ranks(), device)`` unchanged. ``group`` (FSDP) starts the group
+    for one rank too, and needs torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if group and "MASTER_ADDR" not in os.environ:
+        raise ValueError("--fsdp runs under torchrun (torchrun --nproc-per-node K -m arkfast.distill ... --fsdp)")
+    if world <= 1 and not group:
         return Ranks(), device
     import torch.distributed as dist
 

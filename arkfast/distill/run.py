@@ -32,11 +32,12 @@ import torch
 from arkfast.generate import write_json_atomic
 from arkfast.train import TrainConfig, learning_rate, pack_rows
 
-from .checkpoints import RunLog, latest_checkpoint, load_state, read_jsonl, save_state
+from .checkpoints import RunLog, latest_checkpoint, load_state, load_weights, read_jsonl, save_state
 from .config import DistillConfig, default_data
 from .data import RowOrder, concat_rows, load_examples, rows_fingerprint
 from .evaluate import step_evaluator
-from .loop import Optimizer, micro_batch_loss_sum, step_target_count
+from .loop import step_target_count
+from .parallel import Gathered, train_step, wrap
 from .plot import plot_curves
 from .ranks import Ranks, init_ranks
 
@@ -121,7 +122,13 @@ def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print)
         # the default folder is shared by every default run: continue or reuse it, never refuse it
         config = dataclasses.replace(config, resume=True)
     cfg = config.resolved()
-    ranks, device = init_ranks(cfg.device)
+    if cfg.fsdp_cpu_offload and not (cfg.fsdp and torch.device(cfg.device).type == "cuda"):
+        raise ValueError(f"--fsdp-cpu-offload needs --fsdp on a GPU (it keeps the GPU's shards and optimiser state "
+                         f"in CPU memory); got fsdp={cfg.fsdp}, device={cfg.device!r}")
+    if cfg.fsdp and cfg.mode not in ("rsft", "da", "pad", "correct"):
+        raise ValueError(f"--fsdp shards the next-token loss of --mode rsft, da, pad and correct; --mode {cfg.mode} "
+                         f"runs without it (under torchrun with DDP)")
+    ranks, device = init_ranks(cfg.device, group=cfg.fsdp)
     cfg = dataclasses.replace(cfg, device=device)
     if cfg.batch_rows % (ranks.world * cfg.micro_batch_rows):
         raise ValueError(f"batch_rows ({cfg.batch_rows}) must be a multiple of ranks x micro_batch_rows "
@@ -189,22 +196,26 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             return previous
 
     model = load_model(model_dir, torch.float32, device).train()
-    objective, concat = None, concat_rows
+    objective, concat, optimizer_cls = None, concat_rows, None
     if cfg.mode == "graph":  # the decoder and the heads on its pooled states, trained together
         from .graph import GraphObjective, GraphOptimizer, concat_graph_rows
 
+        optimizer_cls = GraphOptimizer
         objective, concat = GraphObjective(model, margin=cfg.graph_margin, margin_weight=cfg.graph_margin_weight,
                                            node_weight=cfg.graph_node_weight, seed=cfg.seed), concat_graph_rows
-    optimizer = (Optimizer if objective is None else GraphOptimizer)(
-        model if objective is None else objective, precision=cfg.precision, lr=cfg.lr, betas=cfg.betas,
-        eps=cfg.eps, weight_decay=cfg.weight_decay)
     start = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         import json
 
         _check_resume(json.loads((ckpt / "trainer_state.json").read_text()), meta, ckpt)
-        start = load_state(ckpt, model, optimizer)["step"]
+        load_weights(ckpt, model)  # whole, before FSDP shards it
+    par, optimizer = wrap(model, ranks, device, fsdp=cfg.fsdp, precision=cfg.precision,
+                          cpu_offload=cfg.fsdp_cpu_offload, gradient_checkpointing=cfg.gradient_checkpointing,
+                          lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          objective=objective, optimizer_cls=optimizer_cls)
+    if ckpt is not None:
+        start = load_state(ckpt, None, optimizer)["step"]
         log(f"resumed from {ckpt} (step {start})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}; starting from the base model")
@@ -216,9 +227,11 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
     evaluate = step_evaluator(cfg, runlog, evals, log, enabled=ranks.main)
 
     def save(step: int) -> Path | None:
+        weights = par.full_weights()  # under FSDP gathered from every rank, as is the optimiser state
+        state = Gathered(optimizer.state_dict()) if par.kind == "fsdp" else optimizer
         if not ranks.main:
             return None
-        return save_state(out, step, model, optimizer, meta=meta, extra_files=files, keep=cfg.keep_checkpoints)
+        return save_state(out, step, weights, state, meta=meta, extra_files=files, keep=cfg.keep_checkpoints)
 
     if cfg.eval_at_start and start == 0:
         evaluate(0, model_dir)
@@ -231,19 +244,13 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
             t_step = time.perf_counter()
             step_rows = [rows[i] for i in order.step_rows(step)]
             count = max(step_target_count(step_rows), 1)  # N of the module docstring of .loop, all ranks'
-            graph_counts = objective.step_counts(step_rows) if objective is not None else None  # P, J
-            mine = ranks.share(step_rows)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for m in range(0, len(mine), cfg.micro_batch_rows):
-                micro = concat(mine[m:m + cfg.micro_batch_rows])
-                if objective is None:
-                    loss = micro_batch_loss_sum(model, micro, device, cfg.gradient_checkpointing) / count
-                else:
-                    loss = objective.loss(micro, device, count, *graph_counts, cfg.gradient_checkpointing)
-                optimizer.backward(loss)
-                step_loss += loss.detach().double()
-            optimizer.sum_over_ranks(ranks)
-            ranks.sum_([step_loss, *(objective.sums.values() if objective is not None else ())])
+            graph_args = None
+            if objective is not None:  # the step's pair and node counts P, J (host ints) beside N
+                graph_args = (device, count, *objective.step_counts(step_rows), cfg.gradient_checkpointing)
+            step_loss = train_step(par, optimizer, ranks.share(step_rows), count, cfg.micro_batch_rows,
+                                   concat=concat, objective_args=graph_args)
+            if objective is not None:
+                ranks.sum_(list(objective.sums.values()))
             norm = optimizer.grad_norm()
             # One host sync per optimiser step (not per micro-batch): metrics.jsonl logs every step, and
             # the NaN guard has to see the loss before the update is applied.
@@ -279,8 +286,9 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
         save(last)
         from arkfast.train import save_checkpoint
 
+        weights = par.full_weights()
         if ranks.main:
-            evaluate(last, save_checkpoint(model, out / "model", extra_files=files))
+            evaluate(last, save_checkpoint(weights, out / "model", extra_files=files))
         ranks.barrier()  # the run's files are complete when any rank returns
     finally:
         bar.close()

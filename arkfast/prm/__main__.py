@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from arkfast.cli import number, run_cli
+from arkfast.debate.shards import Shard
 
 __all__ = ["build_parser", "main"]
 
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue --output: skip trajectories already in it, cut a truncated last line "
                         "(default: off; an existing non-empty output is an error)")
+    s.add_argument("--shard", type=Shard.flag, metavar="I/N", default=None,
+                   help="label only shard I of N (0-based; a trajectory's shard is a hash of its id) into "
+                        "<output>.parts/, for launches without torchrun such as array jobs; the last shard to "
+                        "finish merges the parts into --output (default: all, or the rank's under torchrun)")
     _engine_flags(s, prefix_caching=True)
 
     t = sub.add_parser("train", help="train the PRM on a label file -> a PRM folder",

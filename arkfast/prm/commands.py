@@ -75,7 +75,9 @@ def _engine(args: argparse.Namespace, model: str):
         options["max_num_seqs"] = args.max_num_seqs
     if getattr(args, "no_prefix_caching", False):
         options["enable_prefix_caching"] = False
-    return arkfast.LLM(model, dtype=args.dtype, device=args.device, seed=args.seed, **options)
+    from arkfast.debate.shards import rank_device
+
+    return arkfast.LLM(model, dtype=args.dtype, device=rank_device(args.device), seed=args.seed, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,10 +98,12 @@ _RESUME_KEYS = ("method", "k", "hard", "temperature", "top_p", "max_tokens", "se
 def run_label(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from arkfast.debate.shards import resolve_shard
     from arkfast.trajectories import read_trajectories
 
     from .files import read_label_records_for_resume
     from .labels import LabelConfig, LabelStats, label_source, monte_carlo_labels, outcome_labels
+    from .shards import label_part, merge_label_parts, parts_finished
 
     _set_threads(args)
     paths = default_paths()
@@ -114,6 +118,16 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
               "trajectories": str(trajectories), "limit": args.limit}
     tokenizer = _load_tokenizer(Path(model))
     records = select_trajectories(read_trajectories(trajectories, tokenizer=tokenizer), args.limit, args.seed)
+    shard, under_torchrun = resolve_shard(args.shard)
+    final_out, order = out, [r["id"] for r in records]
+    if shard is not None:  # this shard's trajectories into its own part (an ordinary, resumable label file)
+        if not args.resume and out.exists() and out.stat().st_size > 0:
+            raise ValueError(f"{out} already exists; pass --resume to continue it or another --output")
+        out = label_part(final_out, shard)
+        summary_path = out.with_name(out.stem + ".summary.json")
+        records = shard.select(records, key=lambda r: r["id"])
+        config["shard"] = str(shard)
+    speaks = shard is None or not under_torchrun or shard.index == 0
 
     if args.resume:
         if summary_path.is_file():
@@ -151,7 +165,8 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
     else:
         llm = _engine(args, model)
         stream = monte_carlo_labels(llm, todo, cfg, stats)
-    bar = tqdm(total=len(todo), unit="traj", desc=f"label ({source})", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="traj", desc=f"label ({source})" + (f" {shard}" if shard else ""),
+               dynamic_ncols=True, disable=not speaks)
     finished = False
     t0 = time.perf_counter()
     try:
@@ -174,8 +189,25 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
         if not finished:
             print(f"stopped after {len(done)} of {len(records)} trajectories; continue with the same flags "
                   f"and --resume")
+    if shard is not None:
+        if under_torchrun and shard.index == 0:
+            summary = merge_label_parts(final_out, shard.count, order, wait=True)  # the other ranks' parts
+        elif not under_torchrun and parts_finished(final_out, shard.count):
+            summary = merge_label_parts(final_out, shard.count, order)  # the last shard to finish merges
+        else:
+            if speaks:
+                print(f"wrote part {shard} in {out}; the last shard to finish merges the parts into {final_out}")
+            return summary
+        out, summary_path = final_out, final_out.with_name(final_out.stem + ".summary.json")
+        stats = LabelStats(**{k: v for k, v in summary["this_run"].items()  # the parts' work added up
+                              if k not in ("prefix_cache_hit_rate", "tokens_per_second")})
+        labelled = f"{summary['trajectories_labelled']} (in {shard.count} parts)"
+    else:
+        labelled = f"{len(done)} ({len(todo)})"
+    if not speaks:
+        return summary
     print(format_table([
-        ("label source", source), ("trajectories labelled (this run)", f"{len(done)} ({len(todo)})"),
+        ("label source", source), ("trajectories labelled (this run)", labelled),
         ("steps", summary["steps"]), ("mean step label", summary["mean_label"]),
         ("steps labelled 0 / 1", f"{summary['steps_label_0']} / {summary['steps_label_1']}"),
         ("rollouts (this run)", stats.requests), ("tokens generated", stats.generated_tokens),
@@ -212,6 +244,7 @@ def _split_by_problem(records: list[dict[str, Any]], fraction: float, seed: int)
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from arkfast.distill.ranks import init_ranks
     from arkfast.models import load_model
     from arkfast.trajectories import default_step_mode, tokenizer_fingerprint
 
@@ -221,8 +254,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .model import PRMConfig, ProcessRewardModel
     from .training import PRMTrainConfig, evaluate_rows, read_trainer_state, train_prm
 
+    # Under torchrun: DDP over the ranks (gloo on CPU, nccl on CUDA, each rank on its local GPU); rank 0
+    # alone labels what is missing, draws the bar, evaluates and writes.
+    ranks, device = init_ranks(args.device or "cpu")
     paths = default_paths()
     labels_path = Path(args.labels or paths["labels"])
+    if ranks.world > 1 and not labels_path.is_file():
+        raise ValueError(f"no labels at {labels_path}; under torchrun label first (python -m arkfast.prm label)")
     if not labels_path.is_file() and labels_path.resolve() == paths["labels"].resolve():
         from .__main__ import main as prm_main
 
@@ -246,7 +284,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PRMTrainConfig(steps=args.steps, batch_rows=args.batch_rows, lr=args.lr, seed=args.seed,
                          contrastive_weight=args.contrastive_weight,
                          contrastive_temperature=args.contrastive_temperature, output_dir=str(out),
-                         num_threads=args.threads, device=args.device or "cpu", time_limit_s=args.time_limit,
+                         num_threads=args.threads, device=device, time_limit_s=args.time_limit,
                          eval_every=args.eval_every, log_every=args.log_every, save_every=args.save_every)
     data = {"labels_sha256": _file_digest(labels_path), "val_fraction": args.val_fraction,
             "row_tokens": row_tokens, "projection_dim": args.projection_dim, "base_model": str(base.resolve())}
@@ -255,13 +293,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                        base_model=str(base), label_source=",".join(sources),
                        step_mode=default_step_mode(records[0]["task"]))
     prm = ProcessRewardModel(load_model(base, device=cfg.device), config, seed=args.seed)
-    before = evaluate_rows(prm, held_rows, cfg.device) if held_rows else None
+    before = evaluate_rows(prm, held_rows, cfg.device) if held_rows and ranks.main else None
     resume = bool(args.resume and previous is not None)
     bar = tqdm(total=cfg.steps, initial=previous["step"] if resume else 0, unit="step", desc="train prm",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not ranks.main)
     result = train_prm(prm, train_rows, cfg, held_rows, tokenizer=tokenizer, log=bar.write,
-                       progress=lambda: bar.update(1), resume=resume, data=data)
+                       progress=lambda: bar.update(1), resume=resume, data=data, ranks=ranks)
     bar.close()
+    if not ranks.main:
+        return {"output": str(out), "optimizer_steps": result.steps}
     held_auroc = None
     if held_examples:
         scores = score_examples(prm, held_examples, row_tokens=row_tokens)

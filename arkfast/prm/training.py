@@ -19,6 +19,12 @@ on the host from the labels before the step, so the accumulated gradient is exac
 The projection head is a parameter of the PRM, so it is in the optimiser and trains (AgentArk's public
 code builds its projector outside the optimiser, so its contrastive term never trains anything).
 
+Under ``torchrun`` (``ranks``, :class:`arkfast.distill.ranks.Ranks`) every rank draws the same rows
+and trains its contiguous share of each step's (``batch_rows`` a multiple of the ranks) through
+PyTorch DDP with gradients summed, not averaged: the per-row losses are already divided by the
+step's global ``S`` and ``|A|``, so the sum is one process's gradient. Rank 0 alone evaluates, logs
+and saves; the saved state is the whole model's, so a run resumes on any number of ranks.
+
 Every save (each ``save_every`` steps, at a time limit and at the end) writes the PRM folder with
 ``trainer_state.pt`` (optimiser moments, the row-order generator and the rest of the epoch's order,
 the logged metrics) and ``trainer_state.json`` (the step and the settings that shape the loss curve).
@@ -28,6 +34,7 @@ never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -149,25 +156,62 @@ def read_trainer_state(output: str | Path) -> dict | None:
         raise ValueError(f"{path}: malformed JSON ({e.msg}); delete {Path(output)} to start over") from None
 
 
+class _RowLosses(torch.nn.Module):
+    """:func:`row_losses` of the PRM as one module call (what DDP wraps)."""
+
+    def __init__(self, prm: ProcessRewardModel, device: torch.device, temperature: float, contrastive: bool):
+        super().__init__()
+        self.prm, self.device, self.temperature, self.contrastive = prm, device, temperature, contrastive
+
+    def forward(self, row: StepRow) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_losses(self.prm, row, self.device, self.temperature, self.contrastive)
+
+
+def _data_parallel(prm: ProcessRewardModel, device: torch.device, cfg: PRMTrainConfig, contrastive: bool, ranks):
+    """``(module, no_sync)``: the row-loss module (under DDP when ``ranks.world > 1``, gradients summed)
+    and a context manager factory that keeps a non-final row's gradients local."""
+    import contextlib
+
+    module = _RowLosses(prm, device, cfg.contrastive_temperature, contrastive)
+    if ranks is None or ranks.world == 1:
+        return module, contextlib.nullcontext
+    from torch.nn.parallel import DistributedDataParallel
+
+    from arkfast.distill.parallel import sum_hook
+
+    # Without the contrastive term the projection head takes no part in the loss.
+    ddp = DistributedDataParallel(module, device_ids=None,
+                                  find_unused_parameters=prm.projection is not None and not contrastive)
+    ddp.register_comm_hook(None, sum_hook)
+    return ddp, ddp.no_sync
+
+
 def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainConfig,
               eval_rows: Sequence[StepRow] = (), *, tokenizer=None,
               log: Callable[[str], None] | None = print, progress=None, resume: bool = False,
-              data: dict | None = None) -> PRMTrainResult:
+              data: dict | None = None, ranks=None) -> PRMTrainResult:
     """Train ``prm`` in place (module docstring); saves to ``cfg.output_dir`` (:func:`save_prm`, with
     ``metrics.jsonl`` and the trainer state) every ``save_every`` steps and at the end. ``progress``:
     called once per step taken. ``resume``: continue the run saved in ``cfg.output_dir`` (its weights
     replace ``prm``'s); ``ValueError`` when its settings or ``data`` (a fingerprint of the training
-    set, recorded with the state) differ from this call's."""
+    set, recorded with the state) differ from this call's. ``ranks``: this process's
+    :class:`arkfast.distill.ranks.Ranks` under torchrun (module docstring)."""
+    from arkfast.distill.ranks import Ranks
+
+    ranks = ranks or Ranks()
     if not rows:
         raise ValueError("no training rows")
+    if cfg.batch_rows % ranks.world:
+        raise ValueError(f"batch_rows ({cfg.batch_rows}) must be a multiple of the ranks ({ranks.world})")
     contrastive = cfg.contrastive_weight > 0
     if contrastive and prm.projection is None:
         raise ValueError("contrastive_weight > 0 needs a PRM with a projection head (projection_dim > 0)")
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    log = log or (lambda line: None)
+    log = log if (log and ranks.main) else (lambda line: None)
     device = torch.device(cfg.device)
     prm.to(device).train()
+    module, local = _data_parallel(prm, device, cfg, contrastive, ranks)
     params = [p for _, p in sorted(prm.named_parameters()) if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -188,7 +232,7 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
     tokens_before = tokens
 
     def save(done: int) -> None:
-        if cfg.output_dir is None:
+        if cfg.output_dir is None or not ranks.main:
             return
         seconds = seconds_before + time.perf_counter() - start
         meta = {"step": done, "finished": done == cfg.steps, "seconds": seconds, "tokens": tokens, **curve}
@@ -215,13 +259,16 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
             group["lr"] = lr
         bce_total = torch.zeros((), device=device)
         con_total = torch.zeros((), device=device)
-        for row in batch:
-            bce, con = row_losses(prm, row, device, cfg.contrastive_temperature, contrastive)
-            loss = bce / n_steps + cfg.contrastive_weight * con / n_anchors
-            loss.backward()
+        mine = ranks.share(batch)
+        for i, row in enumerate(mine):
+            with local() if i < len(mine) - 1 else contextlib.nullcontext():  # the last row reduces
+                bce, con = module(row)
+                loss = bce / n_steps + cfg.contrastive_weight * con / n_anchors
+                loss.backward()
             bce_total += bce.detach() / n_steps
             con_total += con.detach() / n_anchors
-            tokens += row.num_tokens
+        tokens += sum(row.num_tokens for row in batch)
+        ranks.sum_([bce_total, con_total])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
                                                    foreach=False)
         opt.step()
@@ -237,16 +284,19 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
                             "contrastive": con_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
                             "tokens_per_second": (tokens - tokens_before) / elapsed if elapsed > 0 else 0.0})
             log(f"step {done}/{last}  bce {bce_v:.4f}  contrastive {con_v:.4f}  lr {lr:.2e}  {elapsed:.0f}s")
-        if eval_rows and cfg.eval_every and done % cfg.eval_every == 0 and done != last:
+        if eval_rows and cfg.eval_every and done % cfg.eval_every == 0 and done != last and ranks.main:
             evals.append((done, evaluate_rows(prm, eval_rows, device)))
             log(f"step {done}: held-out bce {evals[-1][1]:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done != last:
             save(done)
-        if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
-            log(f"step {done}: time limit of {cfg.time_limit_s:.0f}s reached, stopping")
-            break
+        if cfg.time_limit_s is not None:
+            over = torch.tensor(float(time.perf_counter() - start > cfg.time_limit_s), device=device)
+            ranks.sum_([over])  # the ranks stop together: any rank over the limit stops them all
+            if float(over) > 0:
+                log(f"step {done}: time limit of {cfg.time_limit_s:.0f}s reached, stopping")
+                break
     steps_done = max(step + 1, first)
-    if eval_rows and (not evals or evals[-1][0] != steps_done):
+    if eval_rows and (not evals or evals[-1][0] != steps_done) and ranks.main:
         evals.append((steps_done, evaluate_rows(prm, eval_rows, device)))
         log(f"step {steps_done}: held-out bce {evals[-1][1]:.4f}")
     save(steps_done)
