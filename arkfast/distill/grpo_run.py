@@ -104,18 +104,12 @@ def distill_grpo(cfg: DistillConfig, given_data: bool, log: Callable[[str], None
     from .loop import Optimizer
     from .plot import plot_curves
     from .rollout import load_prompts, sample_groups, score_groups
-    from .run import NonFiniteLossError, _base_files, _check_resume, _ensure_default_data
+    from .run import NonFiniteLossError, _base_files, _check_resume, _ensure_default_data, _run_paths
 
     if ranks.world > 1:
         raise ValueError("--mode grpo runs in one process (the engine and the trainer share it); "
                          "run it without torchrun")
-    out, model_dir, device = Path(cfg.output), Path(cfg.model), torch.device(cfg.device)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir}: no config.json there (expected a Hugging Face checkpoint folder)")
-    started = [p for p in (out / "metrics.jsonl", out / "checkpoints", out / "model") if p.exists()]
-    if started and not cfg.resume:
-        raise ValueError(f"{out} already holds a run ({started[0].name}); pass --resume to continue it "
-                         f"or another --output")
+    out, model_dir, device = _run_paths(cfg)
     _ensure_default_data(cfg, given_data, log)
     prm_path = None if cfg.prm == "none" or cfg.grpo_prm_coef == 0 else cfg.prm
     if prm_path is not None and not (Path(prm_path) / "prm_config.json").is_file():

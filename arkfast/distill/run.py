@@ -112,6 +112,19 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _run_paths(cfg: DistillConfig) -> tuple[Path, Path, torch.device]:
+    """``(output folder, model folder, device)`` of a resolved run; ``ValueError`` for a model folder
+    without config.json, or an output folder already holding a run without ``--resume``."""
+    out, model_dir, device = Path(cfg.output), Path(cfg.model), torch.device(cfg.device)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--model {model_dir}: no config.json there (expected a Hugging Face checkpoint folder)")
+    started = [p for p in (out / "metrics.jsonl", out / "checkpoints", out / "model") if p.exists()]
+    if started and not cfg.resume:
+        raise ValueError(f"{out} already holds a run ({started[0].name}); pass --resume to continue it "
+                         f"or another --output")
+    return out, model_dir, device
+
+
 def distill(config: DistillConfig, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run ``config`` (see the module docstring); returns the result dict also written to
     ``summary.json``. Raises ``ValueError`` (one line) for bad input, :class:`NonFiniteLossError` when a
@@ -153,13 +166,7 @@ def _distill(cfg: DistillConfig, given_data: bool, log: Callable[[str], None], r
 
     from arkfast.models import load_model, load_tokenizer
 
-    out, model_dir, device = Path(cfg.output), Path(cfg.model), torch.device(cfg.device)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir}: no config.json there (expected a Hugging Face checkpoint folder)")
-    started = [p for p in (out / "metrics.jsonl", out / "checkpoints", out / "model") if p.exists()]
-    if started and not cfg.resume:
-        raise ValueError(f"{out} already holds a run ({started[0].name}); pass --resume to continue it "
-                         f"or another --output")
+    out, model_dir, device = _run_paths(cfg)
     if ranks.main:
         _ensure_default_data(cfg, given_data, log)
     ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
