@@ -23,21 +23,13 @@ The public functions here take and return *natural-log* LSEs (``lse_in_scale = l
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import DTYPES, HEAD_DIMS, LN_2, LOG2_E, TRITON_TYPE
 from ._dispatch import use_triton
-
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,10 +98,10 @@ def merge_partials(part_o: torch.Tensor, part_lse: torch.Tensor, part_ptr: torch
     written. LSE scales as in the module docstring (defaults: base-2 in, natural log out).
     """
     N, H, D = out.shape
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {_HEAD_DIMS}, got {D}")
-    if out.dtype not in _DTYPES:
-        raise TypeError(f"out dtype must be one of {_DTYPES}, got {out.dtype}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
+    if out.dtype not in DTYPES:
+        raise TypeError(f"out dtype must be one of {DTYPES}, got {out.dtype}")
     if part_o.dim() != 3 or part_o.shape[1:] != (H, D) or part_o.dtype != torch.float32:
         raise ValueError(f"part_o must be [P, {H}, {D}] float32, got {tuple(part_o.shape)} {part_o.dtype}")
     if part_lse.shape != part_o.shape[:2] or part_lse.dtype != torch.float32:
@@ -154,8 +146,8 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, out: torch.Tensor | None =
     """
     if v.dim() != 4 or s.shape != v.shape[:3]:
         raise ValueError(f"v must be [N, P, H, D] and s [N, P, H], got {tuple(v.shape)} and {tuple(s.shape)}")
-    if v.dtype not in _DTYPES:
-        raise TypeError(f"v dtype must be one of {_DTYPES}, got {v.dtype}")
+    if v.dtype not in DTYPES:
+        raise TypeError(f"v dtype must be one of {DTYPES}, got {v.dtype}")
     N, P, H, D = v.shape
     if out is None:
         out = torch.empty(N, H, D, dtype=v.dtype, device=v.device)
@@ -203,14 +195,14 @@ def merge_states_reference(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tens
 # ---------------------------------------------------------------------------------------------------
 def aot_specs() -> list[KernelSpec]:
     specs = []
-    for D in _HEAD_DIMS:
-        for dtype in _DTYPES:
+    for D in HEAD_DIMS:
+        for dtype in DTYPES:
             specs.append(KernelSpec(
-                name=f"merge_partials_d{D}_{_TRITON_TYPE[dtype]}",
+                name=f"merge_partials_d{D}_{TRITON_TYPE[dtype]}",
                 fn=_merge_partials_kernel,
                 signature={
                     "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "part_ptr_ptr": "*i32",
-                    "out_ptr": f"*{_TRITON_TYPE[dtype]}", "lse_out_ptr": "*fp32", "num_heads": "i32",
+                    "out_ptr": f"*{TRITON_TYPE[dtype]}", "lse_out_ptr": "*fp32", "num_heads": "i32",
                     "stride_on": "i32", "stride_oh": "i32", "lse_in_scale": "fp32", "lse_out_scale": "fp32",
                     "D": "constexpr", "BLOCK_H": "constexpr",
                 },

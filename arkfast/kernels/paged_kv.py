@@ -22,11 +22,8 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import DTYPES, HEAD_DIMS, TRITON_TYPE
 from ._dispatch import use_triton
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -44,10 +41,10 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
             raise ValueError(f"{name} must be positive, got {value}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    if head_dim not in _HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}")
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
     storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                           dtype=dtype, device=device)
     return [(storage[layer, 0], storage[layer, 1]) for layer in range(num_layers)]
@@ -87,15 +84,32 @@ def _block_h(head_dim: int) -> int:
     return max(1, 1024 // head_dim)  # ~1024 elements a tile: 2 KiB per tensor in bf16
 
 
-def _check_cache(name: str, cache: torch.Tensor, num_kv_heads: int, head_dim: int, dtype) -> None:
-    if cache.dim() != 4:
-        raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D], got shape {tuple(cache.shape)}")
-    if cache.shape[2] != num_kv_heads or cache.shape[3] != head_dim:
-        raise ValueError(f"{name} is {tuple(cache.shape)}: expected Hkv={num_kv_heads}, D={head_dim}")
-    if not cache.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (strides {cache.stride()})")
-    if cache.dtype != dtype:
-        raise TypeError(f"{name} dtype {cache.dtype} must match k/v dtype {dtype}")
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, *, head_dim: int, dtype: torch.dtype,
+                device: torch.device, num_kv_heads: int | None = None, min_block_size: int = 1,
+                contiguous: bool = True) -> tuple[int, int]:
+    """The one check of a layer's cache pair against the layout above, run by every op that reads or
+    writes it: ``k_cache`` and ``v_cache`` both ``[num_blocks, block_size, Hkv, head_dim]`` (``Hkv ==
+    num_kv_heads`` when given), of ``dtype``, on ``device``, ``block_size`` a power of two >=
+    ``min_block_size``, and contiguous unless ``contiguous=False`` (the torch references only view
+    them). Returns ``(block_size, Hkv)``; raises ``ValueError`` / ``TypeError`` naming the bad value."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or cache.shape[3] != head_dim:
+            raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D={head_dim}], got shape "
+                             f"{tuple(cache.shape)}")
+        if num_kv_heads is not None and cache.shape[2] != num_kv_heads:
+            raise ValueError(f"{name} is {tuple(cache.shape)}: expected Hkv={num_kv_heads}, D={head_dim}")
+        if cache.dtype != dtype:
+            raise TypeError(f"{name} dtype {cache.dtype} must match the inputs' dtype {dtype}")
+        if cache.device != device:
+            raise ValueError(f"{name} is on {cache.device}, the inputs on {device}")
+        if contiguous and not cache.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (strides {cache.stride()})")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
+    block_size = k_cache.shape[1]
+    if block_size < min_block_size or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= {min_block_size}, got {block_size}")
+    return block_size, k_cache.shape[2]
 
 
 def _write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -105,18 +119,17 @@ def _write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tens
         raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"k/v need a unit last-dim stride, got {k.stride()} and {v.stride()}")
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {_HEAD_DIMS}, got {D}")
-    if k.dtype not in _DTYPES or v.dtype != k.dtype:
-        raise TypeError(f"k/v dtypes must match and be one of {_DTYPES}, got {k.dtype}, {v.dtype}")
-    _check_cache("k_cache", k_cache, Hkv, D, k.dtype)
-    _check_cache("v_cache", v_cache, Hkv, D, k.dtype)
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
+    if k.dtype not in DTYPES or v.dtype != k.dtype:
+        raise TypeError(f"k/v dtypes must match and be one of {DTYPES}, got {k.dtype}, {v.dtype}")
+    check_cache(k_cache, v_cache, head_dim=D, dtype=k.dtype, device=k.device, num_kv_heads=Hkv)
     if slot_mapping.shape != (T,) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
         raise ValueError(f"slot_mapping must be a contiguous [T={T}] int64 tensor, got "
                          f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} strides {slot_mapping.stride()}")
     # The kernel dereferences every pointer on the launching device: a CPU slot_mapping next to CUDA
     # caches is not an error the interpreter can show.
-    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
+    for name, t in (("v", v), ("slot_mapping", slot_mapping)):
         if t.device != k.device:
             raise ValueError(f"{name} is on {t.device}, k on {k.device}")
     if T == 0:
@@ -208,9 +221,9 @@ def paged_slots_reference(block_tables: torch.Tensor, seq_lens: torch.Tensor, ma
 def aot_specs() -> list[KernelSpec]:
     """Every configuration :func:`_write_kv_cache_triton` can launch: one per dtype and head dim."""
     specs = []
-    for dtype in _DTYPES:
-        ty = "*" + _TRITON_TYPE[dtype]
-        for d in _HEAD_DIMS:
+    for dtype in DTYPES:
+        ty = "*" + TRITON_TYPE[dtype]
+        for d in HEAD_DIMS:
             signature = {
                 "k_ptr": ty, "v_ptr": ty, "k_cache_ptr": ty, "v_cache_ptr": ty, "slot_ptr": "*i64",
                 "num_kv_heads": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
@@ -218,7 +231,7 @@ def aot_specs() -> list[KernelSpec]:
                 "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr",
             }
             specs.append(KernelSpec(
-                name=f"write_kv_cache_{_TRITON_TYPE[dtype]}_d{d}", fn=_write_kv_cache_kernel,
+                name=f"write_kv_cache_{TRITON_TYPE[dtype]}_d{d}", fn=_write_kv_cache_kernel,
                 signature=signature, constexprs={"HEAD_DIM": d, "BLOCK_H": _block_h(d)}, num_warps=4,
                 # D >= 16 and fused-qkv token strides are multiples of 16 elements; tensors from the
                 # caching allocator are 16-byte aligned.

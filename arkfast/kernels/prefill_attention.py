@@ -38,12 +38,10 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import DTYPES, JIT_LN_2, JIT_LOG2_E, LOG2_E, TRITON_TYPE
 from ._dispatch import interpreter_enabled, use_triton
-from .paged_kv import gather_kv_reference
+from .paged_kv import check_cache, gather_kv_reference
 
-LOG2E = 1.4426950408889634  # log2(e) = 1 / ln(2)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _TILE_DIMS = (64, 128)  # compiled head-dim tile widths; a smaller head dim is zero-padded to 64
 # fp32 runs the kernels on CPU tensors (the interpreter) only. At IEEE precision it has no tensor-core
 # path on the GPU: its FMA kernels would be slow, and building them for sm_90 takes longer than all the
@@ -169,7 +167,7 @@ def _prefill_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # base 2 -> natural log: times ln 2
+    lse = (m_i + tl.log2(l_i)) * JIT_LN_2  # base 2 -> natural log: times ln 2
     tl.store(lse_ptr + tok64 * stride_lt + head, lse, mask=row_ok)
 
 
@@ -207,7 +205,7 @@ def kernel_supports(q: torch.Tensor, causal: bool = True) -> bool:
     """Whether the Triton kernels take these inputs: causal, head dim <= 128, bf16/fp16 (and fp32 on CPU
     tensors, through the interpreter). The public functions run the torch reference otherwise, also on
     CUDA."""
-    dtypes = _GPU_DTYPES if q.is_cuda else _DTYPES
+    dtypes = _GPU_DTYPES if q.is_cuda else DTYPES
     return causal and q.dim() == 3 and 0 < q.shape[-1] <= _MAX_HEAD_DIM and q.dtype in dtypes
 
 
@@ -222,7 +220,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k.shape[1]})")
     if not 0 < D <= _MAX_HEAD_DIM:
         raise ValueError(f"head dim {D} is not supported by the kernel (at most {_MAX_HEAD_DIM})")
-    dtypes = _GPU_DTYPES if q.is_cuda else _DTYPES
+    dtypes = _GPU_DTYPES if q.is_cuda else DTYPES
     if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype of {dtypes} on {q.device.type}; got {q.dtype}, "
                         f"{k.dtype}, {v.dtype}")
@@ -238,18 +236,11 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
-def _check_cache(k_cache, v_cache, block_tables, cached_lens, q: torch.Tensor, Hkv: int, B: int) -> None:
-    D = q.shape[-1]
-    if k_cache.dim() != 4 or k_cache.shape[2:] != (Hkv, D) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache/v_cache must be [num_blocks, block_size, {Hkv}, {D}], got "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"cache dtype {k_cache.dtype}/{v_cache.dtype} must match q's {q.dtype}")
-    block_size = k_cache.shape[1]
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+def _check_paged(k_cache, v_cache, block_tables, cached_lens, q: torch.Tensor, Hkv: int, B: int) -> None:
+    """The paged-prefix inputs: the caches (:func:`~.paged_kv.check_cache`, blocks of >= 16 tokens)
+    and ``block_tables [B, W]`` / ``cached_lens [B]`` int32 on ``q``'s device."""
+    check_cache(k_cache, v_cache, head_dim=q.shape[-1], dtype=q.dtype, device=q.device, num_kv_heads=Hkv,
+                min_block_size=16)
     if (block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype != torch.int32
             or block_tables.stride(1) != 1):
         raise ValueError(f"block_tables must be [B={B}, max_blocks] int32 with unit column stride, "
@@ -257,8 +248,7 @@ def _check_cache(k_cache, v_cache, block_tables, cached_lens, q: torch.Tensor, H
     if cached_lens.shape != (B,) or cached_lens.dtype != torch.int32 or cached_lens.stride(0) != 1:
         raise ValueError(f"cached_lens must be a contiguous [B={B}] int32 tensor, got "
                          f"{tuple(cached_lens.shape)} {cached_lens.dtype} strides {cached_lens.stride()}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("cached_lens", cached_lens)):
+    for name, t in (("block_tables", block_tables), ("cached_lens", cached_lens)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
@@ -288,7 +278,7 @@ def _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None, 
     B = cu_seqlens.numel() - 1
     paged = k_cache is not None
     if paged:
-        _check_cache(k_cache, v_cache, block_tables, cached_lens, q, Hkv, B)
+        _check_paged(k_cache, v_cache, block_tables, cached_lens, q, Hkv, B)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -311,7 +301,7 @@ def _prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, scale=None, 
     grid = (triton.cdiv(max_seqlen, block_m // hpp), B * chunks)
     _prefill_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, k_cache, v_cache, block_tables, cached_lens,
-        scale * LOG2E, D, group, hpp, chunks,
+        scale * LOG2_E, D, group, hpp, chunks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -366,7 +356,7 @@ def _dkdv_tile(dk, dv, k, v, n, q_ptr, dout_ptr, lse_ptr, delta_ptr, start, seq_
     do = tl.load(dout_ptr + tok64[:, None] * stride_dt + head[:, None] * stride_dh + dims[None, :],
                  mask=ok[:, None] & d_ok, other=0.0)         # [BM, HEAD_DIM]
     # Rows past the end load q = dO = 0 and LSE = delta = 0: P^T = 1 there, and they add zero.
-    lse2 = tl.load(lse_ptr + tok64 * stride_lt + head, mask=ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + tok64 * stride_lt + head, mask=ok, other=0.0) * JIT_LOG2_E
     delta = tl.load(delta_ptr + tok64 * stride_lt + head, mask=ok, other=0.0)
     p_t = tl.exp2(_mma(k, tl.trans(q), DOT_PRECISION) * qk_scale - lse2[None, :])  # [BN, BM]
     if MASKED:
@@ -473,7 +463,7 @@ def _prefill_bwd_dq_kernel(
                 mask=row_ok[:, None] & d_ok, other=0.0)
     do = tl.load(dout_ptr + tok64[:, None] * stride_dt + head[:, None] * stride_dh + dims[None, :],
                  mask=row_ok[:, None] & d_ok, other=0.0)
-    lse2 = tl.load(lse_ptr + tok64 * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + tok64 * stride_lt + head, mask=row_ok, other=0.0) * JIT_LOG2_E
     delta = tl.load(delta_ptr + tok64 * stride_lt + head, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     free_end = (m0 // BLOCK_N) * BLOCK_N              # same split as the forward
@@ -546,10 +536,10 @@ def _varlen_attention_backward_triton(dout, q, k, v, out, lse, cu_seqlens, max_s
     meta = {"HEAD_DIM": tile_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
             "num_warps": num_warps, "num_stages": num_stages}
     _prefill_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, scale, scale * LOG2E, D, group, hpp, Hkv,
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, scale, scale * LOG2_E, D, group, hpp, Hkv,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), **meta)
     _prefill_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m // hpp), B * (Hq // hpp))](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, scale, scale * LOG2E, D, group, hpp, Hq // hpp,
+        q, k, v, dout, lse, delta, dq, cu_seqlens, scale, scale * LOG2_E, D, group, hpp, Hq // hpp,
         *strides, dq.stride(0), dq.stride(1), **meta)
     return dq, dk, dv
 
@@ -767,7 +757,7 @@ def aot_specs() -> list[KernelSpec]:
                "stride_dqt stride_dqh HEAD_DIM BLOCK_M BLOCK_N DOT_PRECISION")
     specs = []
     for dtype in _GPU_DTYPES:
-        tname = _TRITON_TYPE[dtype]
+        tname = TRITON_TYPE[dtype]
         ptr = "*" + tname
         types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
                  "block_tables_ptr": "*i32", "cached_lens_ptr": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}

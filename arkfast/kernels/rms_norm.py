@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import TRITON_TYPE
 from ._dispatch import use_triton
 
 # Largest row the single-pass kernel takes (a whole row lives in registers): Llama-3 405B's hidden
@@ -231,7 +232,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return out if residual is None else (out, h)
 
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (x dtype, weight dtype): weights in the activation dtype (inference) or kept in fp32.
 _DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                 (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
@@ -251,8 +251,8 @@ def aot_specs() -> list[KernelSpec]:
     aligned = ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "H",
                "stride_x", "stride_res", "stride_out", "stride_res_out")
     for x_dtype, w_dtype in _DTYPE_PAIRS:
-        xt, wt = _TRITON_DTYPES[x_dtype], _TRITON_DTYPES[w_dtype]
-        ot = _TRITON_DTYPES[torch.promote_types(x_dtype, w_dtype)]
+        xt, wt = TRITON_TYPE[x_dtype], TRITON_TYPE[w_dtype]
+        ot = TRITON_TYPE[torch.promote_types(x_dtype, w_dtype)]
         for has_residual in (False, True):
             for H in blocks:
                 block_m, block_h, num_warps = _launch_config(H)

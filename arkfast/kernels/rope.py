@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import TRITON_TYPE
 from ._dispatch import use_triton
 
 MAX_HEAD_DIM = 256
@@ -242,7 +243,6 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
     return rotate(q), rotate(k)
 
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_specs() -> list[KernelSpec]:
@@ -250,7 +250,7 @@ def aot_specs() -> list[KernelSpec]:
     (BLOCK_T follows from BLOCK_HALF). Strides are marked 16-divisible, as the JIT specialises them for
     real head dims (D = 64, 128: every stride is); D = 80/96 fall back to narrower loads."""
     specs = []
-    for dt in _TRITON_DTYPES.values():
+    for dt in TRITON_TYPE.values():
         for pt in ("i64", "i32"):
             for block_half in (32, 64, 128):
                 block_t, _, _ = _launch_config(1, 1, 2 * block_half)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelSpec
+from ._common import TRITON_TYPE
 from ._dispatch import use_triton
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -185,14 +186,13 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_specs() -> list[KernelSpec]:
     """Forward and backward for every dtype and every BLOCK the launcher picks (128 to 1024). Row
     strides and I are marked 16-divisible, as the JIT specialises them for real intermediate sizes."""
     specs = []
-    for dt in _TRITON_DTYPES.values():
+    for dt in TRITON_TYPE.values():
         for block in (128, 256, 512, 1024):
             _, num_warps = _launch_config(block)
             specs.append(KernelSpec(
