@@ -3,7 +3,7 @@ plain paged decode and both references against attention over each sequence's de
 import pytest
 import torch
 
-from arkfast.kernels import cascade_attention
+from arkfast.kernels import decode_cost
 from arkfast.kernels.cascade_attention import cascade_decode_attention, cascade_decode_attention_reference
 from arkfast.kernels.decode_attention import decode_attention, paged_decode_attention, plan_decode
 from kernel_testing import (
@@ -121,7 +121,7 @@ def test_reference_matches_dense_oracle(monkeypatch, chunk, dtype, groups, Hq, H
         groups, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)
     if chunk is not None:
         budget = chunk * int(seq_lens.max()) * Hkv * D * 8   # fp32 K and V of `chunk` longest sequences
-        monkeypatch.setattr(cascade_attention, "REFERENCE_GATHER_BYTES", budget)
+        monkeypatch.setattr(decode_cost, "REFERENCE_GATHER_BYTES", budget)
     poison_other_prefix_copies(k_cache, v_cache, tables, group_ids, prefix_lens, block_size)
     q = torch.randn(len(group_ids), Hq, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     got, lse = cascade_decode_attention_reference(q, k_cache, v_cache, tables, seq_lens, group_ids,

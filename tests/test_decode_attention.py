@@ -3,7 +3,7 @@ against attention over the sequences' dense K/V, plan reuse across layers, the c
 import pytest
 import torch
 
-from arkfast.kernels import cascade_attention
+from arkfast.kernels import decode_cost
 from arkfast.kernels.decode_attention import (
     decode_attention,
     paged_decode_attention,
@@ -101,7 +101,7 @@ def test_reference_matches_dense_oracle(monkeypatch, chunk, dtype, Hq, Hkv, D, b
     K/V, at awkward lengths; the cache's unwritten slots and -1 table entries would turn any stray read
     into NaN. ``chunk``: a gather budget of that many longest sequences (chunks of mixed lengths)."""
     if chunk is not None:
-        monkeypatch.setattr(cascade_attention, "REFERENCE_GATHER_BYTES", chunk * max(lens) * Hkv * D * 8)
+        monkeypatch.setattr(decode_cost, "REFERENCE_GATHER_BYTES", chunk * max(lens) * Hkv * D * 8)
     seed = 7 * sum(lens) + D + Hq + len(lens)
     k_cache, v_cache, tables, seq_lens, keys, values = make_paged(
         lens, num_kv_heads=Hkv, head_dim=D, block_size=block_size, dtype=dtype, seed=seed)

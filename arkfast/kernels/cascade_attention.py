@@ -1,5 +1,5 @@
-"""Cascade (shared-prefix) decode attention over a paged KV cache: the kernel, its work lists, the
-public op and the torch reference.
+"""Cascade (shared-prefix) decode attention over a paged KV cache: the split-KV partial kernel that runs
+a work list (:mod:`.work_list`), the public op and the torch reference.
 
 In a debate, P problems x N agents decode together; the N agents of a problem share its question and
 transcript (the same physical KV blocks) and each owns a short suffix. Plain paged decode reads each
@@ -8,12 +8,11 @@ once: the group's queries (members x query heads of one KV head) are stacked as 
 each sequence's suffix ``[prefix_lens[g], seq_lens[b])`` is read separately, and the partial results
 are merged by log-sum-exp in fp32 (see :mod:`merge_states`).
 
-One kernel serves both levels, and plain split-KV decode too. It runs a **work list**: item i is a
-tile of query rows (up to ``M`` member sequences x the ``Hq/Hkv`` query heads of one KV head, padded to
-``ROWS`` = 16 or 64, as ``tl.dot`` on tensor cores needs >= 16), a block-table row to read keys
-through, and a token range ``[start, end)``. It writes one partial ``(o, lse)`` per member and query
-head into its own slot of a scratch buffer. Plain decode is the work list with one member per item and
-one item per (sequence, KV split); cascade adds prefix items with many members. Launches per call: 2
+One kernel serves both levels, and plain split-KV decode too: it runs a **work list** (item i: a tile
+of query rows of up to ``M`` member sequences, a block-table row, a token range; see
+:mod:`.work_list`) and writes one partial ``(o, lse)`` per member and query head into its own slot of
+a scratch buffer. Plain decode is the work list with one member per item and one item per (sequence,
+KV split); cascade adds prefix items with many members. Launches per call: 2
 (this kernel over the whole list, then the merge kernel). The merge is not fused into an epilogue
 because a sequence's parts come from different programs (prefix tile, suffix splits) with no order
 between them; fusing would need a grid-wide semaphore, while the separate merge reads only
@@ -25,101 +24,22 @@ functions return.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
 
+from . import decode_cost
 from ._aot import KernelSpec
+from ._common import DTYPES, HEAD_DIMS, LN_2, LOG2_E, TRITON_TYPE
 from ._dispatch import interpreter_enabled, use_triton
-from .merge_states import LN_2, merge_partials
+from .merge_states import merge_partials
 from .paged_kv import paged_slots_reference
+from .work_list import ROWS, DecodePlan, WorkList, check_decode_inputs, check_out, check_plan
 
-if TYPE_CHECKING:
-    from .decode_attention import DecodePlan
-
-LOG2_E = math.log2(math.e)
-MAX_ROWS = 64           # query rows in one tile: members x (Hq / Hkv); larger groups take several tiles
-_ROWS = (16, MAX_ROWS)  # tile heights the launcher picks (fewer AOT configurations than every power of two)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Triton's CPU interpreter multiplies bf16 tiles in tl.dot as their raw uint16 bit patterns; under it
 # _dot upcasts to fp32 first (exact: products of bf16/fp16 values are exact in fp32, and the GPU's MMA
 # accumulates in fp32 too). Read once at import; the AOT compile runs without the interpreter.
 _INTERPRETED = tl.constexpr(interpreter_enabled())
-
-
-@dataclass
-class WorkList:
-    """The kernel's input: ``I`` work items over a batch of ``B`` sequences (int32 tensors).
-
-    ``table_row [I]``: block-table row the item reads keys through; ``kv_range [I, 2]``: its token
-    range ``[start, end)`` (empty is allowed: it writes ``o = 0``, ``lse = -inf``); ``seq [I, M]``:
-    the member sequences whose queries form the tile (-1 pads); ``part [I, M]``: each member's
-    partial slot; ``part_ptr [B + 1]``: sequence b's slots are ``[part_ptr[b], part_ptr[b + 1])``.
-    ``rows`` is the tile height, ``kv_tokens`` the tokens read per KV head (for the cost model).
-    """
-
-    table_row: torch.Tensor
-    kv_range: torch.Tensor
-    seq: torch.Tensor
-    part: torch.Tensor
-    part_ptr: torch.Tensor
-    rows: int
-    num_parts: int
-    kv_tokens: int
-
-    @property
-    def num_items(self) -> int:
-        return self.table_row.shape[0]
-
-
-def tile_rows(members: int, gqa: int) -> int:
-    """Tile height for ``members`` sequences x ``gqa`` query heads: 16 or ``MAX_ROWS``.
-
-    Decode is bandwidth-bound, so a half-empty 64-row tile costs little next to another compiled
-    configuration; 16 is the smallest ``tl.dot`` height on tensor cores."""
-    if members * gqa > MAX_ROWS:
-        raise ValueError(f"{members} members x {gqa} query heads per KV head exceed {MAX_ROWS} tile rows")
-    return 16 if members * gqa <= 16 else MAX_ROWS
-
-
-def build_work_list(units: list[tuple[int, int, int, list[int]]], chunks: list[int], batch_size: int,
-                    gqa: int) -> WorkList:
-    """Split each unit ``(table_row, start, end, member_seqs)`` into items of at most ``chunks[u]``
-    tokens and give every (item, member) a partial slot; slots of one sequence are contiguous.
-    Host-side, returns CPU tensors."""
-    if len(chunks) != len(units) or any(c <= 0 for c in chunks):
-        raise ValueError(f"need one positive chunk size per unit, got {chunks} for {len(units)} units")
-    members = max([len(u[3]) for u in units], default=1)
-    counts = [0] * batch_size
-    items = []
-    for (table_row, start, end, seqs), chunk in zip(units, chunks):
-        for lo in range(start, end, chunk):
-            items.append((table_row, lo, min(lo + chunk, end), seqs, [counts[b] for b in seqs]))
-            for b in seqs:
-                counts[b] += 1
-    part_ptr = [0]
-    for c in counts:
-        part_ptr.append(part_ptr[-1] + c)
-    seq_rows = [seqs + [-1] * (members - len(seqs)) for _, _, _, seqs, _ in items]
-    part_rows = [[part_ptr[b] + k for b, k in zip(seqs, ks)] + [-1] * (members - len(seqs))
-                 for _, _, _, seqs, ks in items]
-    i32 = torch.int32
-    return WorkList(
-        table_row=torch.tensor([it[0] for it in items], dtype=i32),                       # [I]
-        kv_range=torch.tensor([[it[1], it[2]] for it in items], dtype=i32).reshape(-1, 2),  # [I, 2]
-        seq=torch.tensor(seq_rows, dtype=i32).reshape(-1, members),                        # [I, M]
-        part=torch.tensor(part_rows, dtype=i32).reshape(-1, members),                      # [I, M]
-        part_ptr=torch.tensor(part_ptr, dtype=i32),                                        # [B + 1]
-        rows=tile_rows(members, gqa),
-        num_parts=part_ptr[-1],
-        kv_tokens=sum(it[2] - it[1] for it in items),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,44 +135,6 @@ def _block_n(head_dim: int, dtype: torch.dtype) -> int:
     return min(64, 16384 // (head_dim * dtype.itemsize))
 
 
-def check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-                        ) -> tuple[int, int, int, int, int]:
-    """Validate ``q [B, Hq, D]`` and the caches ``[num_blocks, block_size, Hkv, D]``; returns
-    ``(B, Hq, Hkv, D, block_size)``."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
-    B, Hq, D = q.shape
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dim() != 4 or cache.shape[3] != D:
-            raise ValueError(f"{name} must be [num_blocks, block_size, Hkv, D={D}], got {tuple(cache.shape)}")
-        if cache.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {cache.dtype} must match q dtype {q.dtype}")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device}, q on {q.device}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
-    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    return B, Hq, Hkv, D, block_size
-
-
-def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """``out`` if it fits ``q`` (shape, dtype, device, unit last stride), a new buffer if None."""
-    if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if out.stride(-1) != 1:
-        raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
-    return out
-
-
 def attend_work_list(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, work: WorkList, *, scale: float, out: torch.Tensor,
                      lse_out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor) -> None:
@@ -260,8 +142,8 @@ def attend_work_list(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     and ``lse_out [B, Hq]`` (fp32, natural log). ``part_o [>= P, Hq, D]`` / ``part_lse [>= P, Hq]`` fp32
     are scratch. Two launches, no host sync (every size here is tensor metadata)."""
     _, Hq, Hkv, D, block_size = check_decode_inputs(q, k_cache, v_cache)
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {_HEAD_DIMS}, got {D}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {D}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
@@ -299,17 +181,6 @@ def attend_work_list(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # ---------------------------------------------------------------------------------------------------
 # Public op and torch reference.
 # ---------------------------------------------------------------------------------------------------
-def check_plan(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The run-time inputs match the shapes the plan was built for (metadata only, no sync)."""
-    B, Hq, Hkv, D, block_size = check_decode_inputs(q, k_cache, v_cache)
-    got = (B, Hq, Hkv, D, block_size)
-    want = (plan.batch_size, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.block_size)
-    if got != want:
-        raise ValueError(f"inputs have (B, Hq, Hkv, D, block_size) = {got}, the plan was built for {want}")
-    if plan.block_tables.device != q.device:
-        raise ValueError(f"plan lives on {plan.block_tables.device}, q on {q.device}")
-
-
 def cascade_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              plan: DecodePlan, *, scale: float | None = None,
                              out: torch.Tensor | None = None, return_lse: bool = False):
@@ -376,13 +247,6 @@ def cascade_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v
 # ---------------------------------------------------------------------------------------------------
 # The batched torch attention both decode references share (the CPU decode path of the engine).
 # ---------------------------------------------------------------------------------------------------
-# fp32 K and V bytes one chunk of sequences gathers (a sequence longer than that goes alone, one KV
-# head at a time). Small enough that a chunk's gathered K/V is still in the last-level cache when the
-# matmuls read it: on a 2-core EPYC (32 MiB L3), 8 MiB chunks ran the decode reference 2-3x faster
-# than one 256 MiB pass at B = 100 sequences of 250-800 tokens.
-REFERENCE_GATHER_BYTES = 8 << 20
-
-
 def attend_paged_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: list[int], scale: float, *,
                            prefix_rows: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None
@@ -396,7 +260,7 @@ def attend_paged_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     and ``lse [B, Hq]`` (natural log); a sequence with no tokens gets 0 and -inf.
 
     Sequences go longest first in chunks whose gathered fp32 K and V stay within
-    ``REFERENCE_GATHER_BYTES``, each padded to its longest sequence; a chunk is one pass of gathers and
+    ``decode_cost.REFERENCE_GATHER_BYTES`` (read at each call), each padded to its longest sequence; a chunk is one pass of gathers and
     batched matmuls (no per-sequence work).
     """
     B, Hq, D = q.shape
@@ -415,7 +279,7 @@ def attend_paged_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     start = 0
     while start < live:
         length = lens[start]
-        end = min(live, start + max(1, REFERENCE_GATHER_BYTES // (length * per_token)))
+        end = min(live, start + max(1, decode_cost.REFERENCE_GATHER_BYTES // (length * per_token)))
         rows = order_t[start:end]                                                   # [n]
         slots, valid = paged_slots_reference(
             block_tables[rows], lens_t[start:end], length, block_size,
@@ -464,10 +328,10 @@ def _attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------
 def aot_specs() -> list[KernelSpec]:
     specs = []
-    for dtype in _DTYPES:
-        t = _TRITON_TYPE[dtype]
-        for D in _HEAD_DIMS:
-            for rows in _ROWS:
+    for dtype in DTYPES:
+        t = TRITON_TYPE[dtype]
+        for D in HEAD_DIMS:
+            for rows in ROWS:
                 specs.append(KernelSpec(
                     name=f"paged_partial_{t}_d{D}_rows{rows}",
                     fn=_paged_partial_kernel,
