@@ -11,9 +11,9 @@ the attention context (:class:`PagedAttentionContext`, the decoder's attention s
    the plan's cost model decides) and paged-prefix prefill attention for the prefill rows (each chunk
    sees its sequence's cached tokens through its block table, then itself causally).
 
-Cascade groups come from the block manager's physical blocks: decoding sequences whose block tables
-start with the same blocks share those tokens' K/V, so the plan can read them once for the group
-(:func:`prefix_groups`). On CPU every op runs its torch reference, except decode attention, which
+The decode plan comes from the engine's planner (:mod:`.planner`): it groups decoding sequences whose
+block tables start with the same physical blocks (they share those tokens' K/V, so the plan can read
+them once for the group) and decides, by its cost models, whether and how. On CPU every op runs its torch reference, except decode attention, which
 takes the CPU path of :mod:`arkfast.kernels.cpu_decode_attention` (each group's prefix gathered and
 multiplied once for all its members, scratch reused step after step); inside ``force_reference()`` it
 runs the reference too. On CUDA the Triton kernels run, and pure decode steps replay CUDA graphs
@@ -21,31 +21,24 @@ runs the reference too. On CUDA the Triton kernels run, and pure decode steps re
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 
 import torch
 
+from arkfast.kernels._common import upload
 from arkfast.kernels._dispatch import reference_forced, use_triton
-from arkfast.kernels.cpu_decode_attention import CpuDecodePlan, Workspace, cpu_decode_attention, plan_cpu_decode
-from arkfast.kernels.decode_attention import DecodePlan, decode_attention, plan_decode
+from arkfast.kernels.cpu_decode_attention import CpuDecodePlan, cpu_decode_attention
+from arkfast.kernels.decode_attention import DecodePlan, decode_attention
 from arkfast.kernels.paged_kv import allocate_kv_cache, write_kv_cache
 from arkfast.kernels.prefill_attention import prefill_attention
 from arkfast.models import DecoderModel, VarlenContext
 
 from .config import EngineConfig
+from .planner import DecodePlanner, prefix_groups  # noqa: F401  (prefix_groups re-exported: it lived here)
 from .sampler import Sampler, SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
-
-_PLAN_MODES = {"auto": "auto", "on": "cascade", "off": "plain"}
-# The CPU path's cost rule (cascade="auto"): group only when the groups save at least this many key
-# reads per KV head, (members - 1) x prefix tokens summed over groups. A prefix pass and the merge are
-# some 35 small ops a layer. Round 1 of the shipped tiny model's debate (32 shared tokens a problem),
-# 5 agents, 2-core AMD EPYC, one thread: 8 problems (1,024 keys saved) took 1.16 s grouped, 1.04 s
-# not; 40 problems (5,120 saved) 3.21 s and 3.24 s, about break-even (medians of 5 and 3 runs).
-CPU_CASCADE_MIN_SAVED_KEYS = 4096
 
 
 @dataclasses.dataclass
@@ -93,60 +86,6 @@ class PagedAttentionContext:
         return out
 
 
-def prefix_groups(block_tables: list[list[int]], seq_lens: list[int], block_size: int
-                  ) -> tuple[list[int], list[int]] | None:
-    """Cascade groups for decoding sequences: ``(group_ids [B], prefix_lens [G])``, or None when no
-    two sequences share a block.
-
-    Only full blocks before each sequence's new token can be shared. The sequences form a trie over
-    their block ids; grouping the members of a trie node at depth ``d`` blocks saves ``(members - 1)
-    x d`` block reads, and splitting it into its children saves what the children save. Each node takes
-    the better of the two, so a debate's problems (a long transcript shared by each problem's agents)
-    are not merged into one group through a short system prompt common to all of them.
-    """
-    eligible = [(n - 1) // block_size for n in seq_lens]  # full blocks before the new token
-
-    def best(members: list[int], depth: int) -> tuple[int, list[tuple[list[int], int]]]:
-        """(saved block reads, groups as (members, prefix blocks)) for ``members`` sharing ``depth``
-        blocks."""
-        while True:  # walk down while every member continues with the same block
-            nxt = {block_tables[m][depth] if eligible[m] > depth else None for m in members}
-            if len(nxt) != 1 or None in nxt:
-                break
-            depth += 1
-        here = ((len(members) - 1) * depth, [(members, depth)])
-        children: dict[int, list[int]] = {}
-        for m in members:
-            if eligible[m] > depth:
-                children.setdefault(block_tables[m][depth], []).append(m)
-        saved, groups = 0, []
-        for child in children.values():
-            if len(child) > 1:
-                s, g = best(child, depth + 1)
-                saved, groups = saved + s, groups + g
-        return (saved, groups) if saved > here[0] else here
-
-    roots: dict[int, list[int]] = {}
-    for b, table in enumerate(block_tables):
-        if eligible[b] > 0:
-            roots.setdefault(table[0], []).append(b)
-    groups = [g for members in roots.values() if len(members) > 1 for g in best(members, 1)[1]]
-    groups = [(members, depth) for members, depth in groups if len(members) > 1 and depth > 0]
-    if not groups:
-        return None
-    group_ids = [-1] * len(block_tables)
-    prefix_lens = []
-    for g, (members, depth) in enumerate(groups):
-        prefix_lens.append(depth * block_size)
-        for m in members:
-            group_ids[m] = g
-    for b in range(len(block_tables)):  # everyone else: a group of one with no shared prefix
-        if group_ids[b] < 0:
-            group_ids[b] = len(prefix_lens)
-            prefix_lens.append(0)
-    return group_ids, prefix_lens
-
-
 def kv_block_bytes(model: DecoderModel, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one KV block over all layers (K and V)."""
     cfg = model.config
@@ -169,7 +108,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(cfg.num_layers, num_kv_blocks, config.block_size, cfg.num_kv_heads,
                                            cfg.head_dim, dtype, device)
         self.sampler = Sampler(device, seed)
-        self.cpu_workspace = Workspace()  # the CPU decode path's scratch, reused step after step
+        self.planner = DecodePlanner(config.block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                     device, cascade=config.cascade)
         self.num_cascade_steps = 0
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
@@ -180,12 +120,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------
     def _upload(self, host: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Host int lists → device tensors, in one host-to-device copy."""
-        flat = torch.tensor(list(itertools.chain.from_iterable(host)), dtype=dtype)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(self.device, non_blocking=True)
-        return list(torch.split(flat, [len(part) for part in host]))
+        """Host int lists → device tensors, in one host-to-device copy (:func:`arkfast.kernels._common.upload`)."""
+        return upload(host, dtype, self.device)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of ``seq``'s tokens ``[start, end)``: each block's slots as a range (the loop
@@ -203,24 +139,8 @@ class ModelRunner:
                 and not reference_forced())
 
     def _decode_plan(self, decode: list[Sequence]) -> DecodePlan | CpuDecodePlan:
-        cfg = self.model.config
-        tables = [seq.block_table for seq in decode]
-        lens = [seq.num_computed_tokens + 1 for seq in decode]
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)  # [B, W]
-        groups = prefix_groups(tables, lens, self.block_size) if self.config.cascade != "off" else None
-        if self._cpu_path():
-            if groups is not None and self.config.cascade == "auto":
-                members = collections.Counter(groups[0])
-                saved = sum((n - 1) * groups[1][g] for g, n in members.items())
-                groups = groups if saved >= CPU_CASCADE_MIN_SAVED_KEYS else None
-            return plan_cpu_decode(padded, lens, block_size=self.block_size, group_ids=groups and groups[0],
-                                   prefix_lens=groups and groups[1], workspace=self.cpu_workspace)
-        mode = _PLAN_MODES[self.config.cascade] if groups is not None else "plain"
-        return plan_decode(padded, lens, group_ids=groups and groups[0], prefix_lens=groups and groups[1],
-                           block_size=self.block_size, num_kv_heads=cfg.num_kv_heads,
-                           num_q_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=self.dtype,
-                           device=self.device, mode=mode)
+        return self.planner.plan([seq.block_table for seq in decode],
+                                 [seq.num_computed_tokens + 1 for seq in decode], cpu_path=self._cpu_path())
 
     def prepare(self, batch: ScheduledBatch):
         """``(input_ids [T], positions [T], context, logit_rows [N], sampled sequences)`` for ``batch``."""
