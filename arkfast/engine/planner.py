@@ -12,6 +12,12 @@ Per decode step, :meth:`DecodePlanner.plan` takes the decoding sequences' block 
    ``"off"`` force one method;
 3. on the CPU path (:mod:`arkfast.kernels.cpu_decode_attention`), keeps the groups only when they
    save enough key reads to pay for the prefix passes (:func:`cpu_grouping_pays`).
+
+With a :class:`PlanCapacity`, kernel-path plans are laid out in fixed-capacity device buffers
+(:mod:`arkfast.kernels.plan_buffers`) allocated once: the same pointers and launch grids every step,
+whatever it holds. The capacity follows from the scheduler's limits (sequences a step may decode,
+blocks a table may hold) and the cost model's split target, not from the longest sequence the model
+allows; a step that exceeds it is planned the ordinary way (``num_capacity_fallbacks`` counts them).
 """
 from __future__ import annotations
 
@@ -20,9 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from arkfast.kernels._common import cdiv
 from arkfast.kernels.cpu_decode_attention import CpuDecodePlan, Workspace, plan_cpu_decode
 from arkfast.kernels.decode_attention import DecodePlan, plan_decode
 from arkfast.kernels.decode_cost import DecodeCostModel
+from arkfast.kernels.plan_buffers import DecodePlanBuffers, PlanCapacityError
+from arkfast.kernels.work_list import MAX_ROWS
 
 # The CPU path's cost rule (cascade="auto"): group only when the groups save at least this many key
 # reads per KV head, (members - 1) x prefix tokens summed over groups. A prefix pass and the merge are
@@ -96,6 +105,37 @@ def cpu_grouping_pays(group_ids: list[int], prefix_lens: list[int],
     return sum((n - 1) * prefix_lens[g] for g, n in members.items()) >= min_saved_keys
 
 
+@dataclass(frozen=True)
+class PlanCapacity:
+    """What fixed-capacity plan buffers hold: ``max_seqs`` decoding sequences of at most
+    ``max_blocks`` blocks, ``plain_items`` / ``cascade_items`` work items and ``num_parts`` partial
+    slots."""
+
+    max_seqs: int
+    max_blocks: int
+    plain_items: int
+    cascade_items: int
+    num_parts: int
+
+    @classmethod
+    def from_limits(cls, *, max_seqs: int, max_blocks: int, num_q_heads: int, num_kv_heads: int, num_sms: int,
+                    cost_model: DecodeCostModel) -> PlanCapacity:
+        """The capacity for steps of at most ``max_seqs`` sequences (the scheduler's limit) planned
+        by ``cost_model`` for ``num_sms`` SMs.
+
+        The model's splits are at least ``even = total tokens / T`` long, ``T = cdiv(waves x SMs,
+        Hkv)``, so a unit of ``n`` tokens takes at most ``n / even + 1`` items: plain decode (one unit
+        a sequence) at most ``T + S`` items, cascade (a suffix a sequence, a prefix tile per member at
+        most) ``T + 2S``. Partial slots: one per suffix item, and a prefix item of ``m`` members takes
+        ``m``; a tile's prefix is at most ``total`` tokens, so its items hold at most ``M x T + S``
+        slots in all (``M = MAX_ROWS / (Hq / Hkv)`` members a tile), ``(M + 1) x T + 3S`` with the
+        suffixes. A forced split size (``kv_chunk_size``) can exceed these; it falls back."""
+        target = cdiv(cost_model.waves * num_sms, num_kv_heads)
+        members = MAX_ROWS // (num_q_heads // num_kv_heads)
+        return cls(max_seqs=max_seqs, max_blocks=max_blocks, plain_items=target + max_seqs,
+                   cascade_items=target + 2 * max_seqs, num_parts=(members + 1) * target + 3 * max_seqs)
+
+
 @dataclass
 class DecodePlanner:
     """Builds each decode step's attention plan for one model and cache layout.
@@ -103,6 +143,7 @@ class DecodePlanner:
     ``cascade``: ``"auto"`` (the cost models decide), ``"on"`` (always group what shares blocks) or
     ``"off"`` (plain decode). ``cost_model`` decides the kernels' path; ``cpu_min_saved_keys`` the CPU
     path's (:func:`cpu_grouping_pays`). ``workspace``: the CPU path's scratch, reused step after step.
+    ``capacity``: lay kernel-path plans out in fixed buffers of this capacity (None: per-step tensors).
     """
 
     block_size: int
@@ -115,12 +156,19 @@ class DecodePlanner:
     cost_model: DecodeCostModel = field(default_factory=DecodeCostModel)
     cpu_min_saved_keys: int = CPU_CASCADE_MIN_SAVED_KEYS
     workspace: Workspace = field(default_factory=Workspace)
+    capacity: PlanCapacity | None = None
 
     def __post_init__(self):
         if self.cascade not in _PLAN_MODES:
             raise ValueError(f"cascade must be one of {tuple(_PLAN_MODES)}, got {self.cascade!r}")
         self.device = torch.device(self.device)
         self.num_sms = self.cost_model.num_sms(self.device)  # one device query, not one a step
+        self.buffers = None if self.capacity is None else DecodePlanBuffers(
+            max_seqs=self.capacity.max_seqs, max_blocks=self.capacity.max_blocks,
+            plain_items=self.capacity.plain_items, cascade_items=self.capacity.cascade_items,
+            num_parts=self.capacity.num_parts, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, block_size=self.block_size, device=self.device)
+        self.num_capacity_fallbacks = 0
 
     def plan(self, block_tables: list[list[int]], seq_lens: list[int], *, cpu_path: bool
              ) -> DecodePlan | CpuDecodePlan:
@@ -138,7 +186,13 @@ class DecodePlanner:
                                    group_ids=groups and groups[0], prefix_lens=groups and groups[1],
                                    workspace=self.workspace)
         mode = _PLAN_MODES[self.cascade] if groups is not None else "plain"
-        return plan_decode(padded, seq_lens, group_ids=groups and groups[0], prefix_lens=groups and groups[1],
-                           block_size=self.block_size, num_kv_heads=self.num_kv_heads,
-                           num_q_heads=self.num_q_heads, head_dim=self.head_dim, dtype=self.dtype,
-                           device=self.device, num_sms=self.num_sms, mode=mode, cost_model=self.cost_model)
+        args = {"group_ids": groups and groups[0], "prefix_lens": groups and groups[1],
+                "block_size": self.block_size, "num_kv_heads": self.num_kv_heads, "num_q_heads": self.num_q_heads,
+                "head_dim": self.head_dim, "dtype": self.dtype, "device": self.device, "num_sms": self.num_sms,
+                "mode": mode, "cost_model": self.cost_model}
+        if self.buffers is not None:
+            try:
+                return plan_decode(padded, seq_lens, into=self.buffers, **args)
+            except PlanCapacityError:
+                self.num_capacity_fallbacks += 1    # this step does not fit: tensors of its own
+        return plan_decode(padded, seq_lens, **args)

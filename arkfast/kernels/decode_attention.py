@@ -24,6 +24,7 @@ from ._common import cdiv, upload
 from ._dispatch import use_triton
 from .cascade_attention import attend_paged_reference, attend_work_list, cascade_decode_attention
 from .decode_cost import DecodeCostModel
+from .plan_buffers import DecodePlanBuffers
 from .work_list import (
     MAX_ROWS,
     DecodePlan,
@@ -41,7 +42,7 @@ def plan_decode(block_tables, seq_lens, *, group_ids=None, prefix_lens=None, blo
                 num_kv_heads: int, num_q_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str | None = None, num_sms: int | None = None,
                 kv_chunk_size: int | None = None, mode: str = "auto", min_saving: float | None = None,
-                cost_model: DecodeCostModel | None = None) -> DecodePlan:
+                cost_model: DecodeCostModel | None = None, into: DecodePlanBuffers | None = None) -> DecodePlan:
     """Plan one decode step (host side; call once per step, reuse for every layer).
 
     ``block_tables [B, W]`` int32 (unused entries -1) and ``seq_lens [B]``: tensors or lists, best on
@@ -59,6 +60,10 @@ def plan_decode(block_tables, seq_lens, *, group_ids=None, prefix_lens=None, blo
     The decisions (which groups read their prefix once, tokens per split, ``"auto"``'s choice, the
     default SM count) come from ``cost_model`` (:class:`~.decode_cost.DecodeCostModel`, the default
     one when None); ``min_saving``, when given, replaces the model's.
+
+    ``into``: lay the plan out in these fixed-capacity buffers (:mod:`.plan_buffers`) instead of
+    tensors allocated for this step, on the buffers' device (``device`` is then ignored); raises
+    :class:`~.plan_buffers.PlanCapacityError` when the step does not fit them.
     """
     if mode not in ("auto", "plain", "cascade"):
         raise ValueError(f"mode must be 'auto', 'plain' or 'cascade', got {mode!r}")
@@ -81,6 +86,8 @@ def plan_decode(block_tables, seq_lens, *, group_ids=None, prefix_lens=None, blo
         if not 0 <= n <= capacity:
             raise ValueError(f"seq_lens[{b}] = {n} is outside [0, {capacity}] "
                              f"(block table width x block_size)")
+    if into is not None:
+        device = into.device
     device = torch.device(device) if device is not None else block_tables.device
     if not block_tables.is_cuda:  # cheap on the host: every block a sequence uses must be a real block
         used = torch.arange(block_tables.shape[1]) < torch.tensor([cdiv(n, block_size) for n in lens]
@@ -112,6 +119,11 @@ def plan_decode(block_tables, seq_lens, *, group_ids=None, prefix_lens=None, blo
     estimated.setdefault("cascade", None)
     use_cascade = mode == "cascade" or (mode == "auto" and groups is not None
                                         and cost.use_cascade(estimated["plain"], estimated["cascade"]))
+
+    if into is not None:
+        return into.load(block_tables.cpu(), lens, *(groups or (None, None)), works, use_cascade, estimated,
+                         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         block_size=block_size)
 
     # One host-to-device copy for every index tensor of the step (block_tables too, unless it is there).
     on_device = block_tables.device == device or (device.type == "cuda" and block_tables.is_cuda
