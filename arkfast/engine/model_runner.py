@@ -115,8 +115,11 @@ class ModelRunner:
         if device.type == "cuda" and not config.enforce_eager:
             from .cuda_graphs import DecodeGraphs  # CUDA-only machinery, imported only when used
 
-            self.graphs = DecodeGraphs(model, self.kv_caches, config.block_size, max_model_len,
-                                       max_batch=min(config.max_num_seqs, config.max_num_batched_tokens))
+            max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
+            # Graphs read each step's plan from buffers sized once by the scheduler's limits.
+            self.planner = self.planner.with_capacity(max_seqs=max_batch, max_blocks=min(
+                num_kv_blocks, -(-max_model_len // config.block_size)))
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.planner, max_batch, max_model_len)
 
     # ------------------------------------------------------------------------------------------------
     def _upload(self, host: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:

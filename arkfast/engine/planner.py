@@ -22,6 +22,7 @@ allows; a step that exceeds it is planned the ordinary way (``num_capacity_fallb
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +170,14 @@ class DecodePlanner:
             num_parts=self.capacity.num_parts, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, block_size=self.block_size, device=self.device)
         self.num_capacity_fallbacks = 0
+
+    def with_capacity(self, *, max_seqs: int, max_blocks: int) -> DecodePlanner:
+        """This planner with fixed plan buffers for steps of ``max_seqs`` sequences of at most
+        ``max_blocks`` blocks (:meth:`PlanCapacity.from_limits`)."""
+        capacity = PlanCapacity.from_limits(max_seqs=max_seqs, max_blocks=max_blocks, num_q_heads=self.num_q_heads,
+                                            num_kv_heads=self.num_kv_heads, num_sms=self.num_sms,
+                                            cost_model=self.cost_model)
+        return dataclasses.replace(self, capacity=capacity)
 
     def plan(self, block_tables: list[list[int]], seq_lens: list[int], *, cpu_path: bool
              ) -> DecodePlan | CpuDecodePlan:

@@ -28,7 +28,8 @@ class DecodePlanBuffers:
     ``num_parts`` partial slots. Heads, head dim and block size are fixed, as for the caches.
 
     All index tensors are views of one int32 device tensor with a pinned host mirror; :meth:`load`
-    fills the mirror and copies it in one transfer. One plan is live at a time: loading a new one
+    fills the mirror and copies it in one transfer (the work lists whole, the block tables' rows of
+    the step's sequences). One plan is live at a time: loading a new one
     overwrites the last (every layer of a step reads the same plan, so steps are sequential anyway).
     """
 
@@ -50,11 +51,12 @@ class DecodePlanBuffers:
         self.max_seqs, self.max_blocks, self.num_parts = S, W, num_parts
         self.items = {"plain": Ip, "cascade": Ic}
         width = {"plain": 1, "cascade": M}
-        shapes = {"block_tables": (S, W)}
+        shapes = {}
         for name, items in self.items.items():
             shapes |= {f"{name}.table_row": (items,), f"{name}.kv_range": (items, 2),
                        f"{name}.seq": (items, width[name]), f"{name}.part": (items, width[name]),
                        f"{name}.part_ptr": (S + 1,)}
+        shapes["block_tables"] = (S, W)   # last: a step copies only the rows of its sequences
         offsets, total = {}, 0
         for name, shape in shapes.items():
             offsets[name] = total
@@ -78,6 +80,7 @@ class DecodePlanBuffers:
             return out
 
         self._host_views, self._dev_views = views(self._host), views(self._dev)
+        self._bt_offset = offsets["block_tables"]
         f32 = {"dtype": torch.float32, "device": self.device}
         self.part_o = torch.empty(num_parts, num_q_heads, head_dim, **f32)     # [P, Hq, D]
         self.part_lse = torch.empty(num_parts, num_q_heads, **f32)             # [P, Hq]
@@ -128,10 +131,14 @@ class DecodePlanBuffers:
             self._copied.synchronize()               # the last step's copy has left the host mirror
         for name, work in works.items():
             self._fill(name, work, B)
-        h = self._host_views["block_tables"].fill_(-1)
+        # Only rows of the step's sequences, and in them only a sequence's own blocks, are ever read
+        # (a padding sequence has no items): the rest of the table may hold an earlier step's ids.
+        h = self._host_views["block_tables"]
+        h[:B, w:] = -1
         h[:B, :w] = block_tables
         if self._dev is not self._host:
-            self._dev.copy_(self._host, non_blocking=True)
+            end = self._bt_offset + B * self.max_blocks
+            self._dev[:end].copy_(self._host[:end], non_blocking=True)
             self._copied.record()
         d = self._dev_views
         lists = {name: self._view(name, work, B) for name, work in works.items()}
