@@ -24,6 +24,7 @@ from .decode_attention import (
     paged_decode_attention_reference,
     plan_decode,
 )
+from .decode_cost import DecodeCostModel
 from .fused_linear_weighted_cross_entropy import (
     FusedLinearWeightedCrossEntropy,
     fused_linear_weighted_cross_entropy,
@@ -32,6 +33,7 @@ from .fused_linear_weighted_cross_entropy import (
 from .hf_patch import SUPPORTED_MODEL_TYPES, patch_hf_model, unpatch_hf_model
 from .merge_states import merge_state, merge_states, merge_states_reference
 from .paged_kv import allocate_kv_cache, gather_kv_reference, write_kv_cache, write_kv_cache_reference
+from .plan_buffers import DecodePlanBuffers, PlanCapacityError
 from .prefill_attention import (
     prefill_attention,
     prefill_attention_reference,
@@ -44,8 +46,11 @@ from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "DecodeCostModel",
     "DecodePlan",
+    "DecodePlanBuffers",
     "FusedLinearWeightedCrossEntropy",
+    "PlanCapacityError",
     "allocate_kv_cache",
     "apply_rope",
     "apply_rope_reference",
