@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import time
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, BlockTables
 from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
 
@@ -31,12 +31,14 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     """One step's work. ``decode``: sequences computing their one remaining token; ``prefill``:
     ``(sequence, num_tokens)`` chunks of longer remainders; ``copy_src`` / ``copy_dst``: slot pairs
-    for the model runner to copy after writing the step's K/V (copy-on-write)."""
+    for the model runner to copy after writing the step's K/V (copy-on-write); ``block_tables``: the
+    block manager's array of every sequence's block table (read by the runner for this step)."""
 
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]
     copy_src: list[int]
     copy_dst: list[int]
+    block_tables: BlockTables
 
     @property
     def num_tokens(self) -> int:
@@ -127,7 +129,7 @@ class Scheduler:
             budget -= n
 
         copy_src, copy_dst = bm.take_copies()
-        return ScheduledBatch(decode, prefill, copy_src, copy_dst)
+        return ScheduledBatch(decode, prefill, copy_src, copy_dst, bm.tables)
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Advance ``num_computed_tokens`` past what ``batch`` computed."""
