@@ -131,6 +131,36 @@ def test_copy_on_write_of_a_shared_partial_block():
     assert bm.take_copies() == ([], []) and bm.blocks[a.block_table[1]].token_ids == prompt[BS:] + [42]
 
 
+def test_append_token_only_in_place():
+    """append_token takes a decode token only when it goes into the sequence's own, unshared,
+    uncached, not-full last block; otherwise it changes nothing (allocate's general path runs)."""
+    bm = BlockManager(8, BS)
+    a = make_seq(list(range(BS + 5)), "a")
+    c = make_seq(list(range(100, 100 + 2 * BS)), "c")
+    admit(bm, a)
+    admit(bm, c)
+    a.token_ids.append(7)
+    c.token_ids.append(9)
+
+    def state():
+        return ([list(s.block_table) for s in (a, c)], [(b.ref_count, list(b.token_ids), b.hash) for b in bm.blocks],
+                bm.num_free_blocks, set(bm._writes))
+
+    last = bm.blocks[a.block_table[-1]]
+    last.ref_count += 1  # someone else holds it too
+    before = state()
+    assert not bm.append_token(a) and state() == before
+    last.ref_count -= 1
+    before = state()
+    assert not bm.append_token(c) and state() == before  # its last block is full: it needs a new one
+    free = bm.num_free_blocks
+    assert bm.append_token(a) and bm.num_free_blocks == free
+    assert last.token_ids == a.token_ids[BS:] and last.block_id in bm._writes
+    a.num_computed_tokens += 1
+    before = state()
+    assert not bm.append_token(a) and state() == before  # nothing left to compute
+
+
 def test_copy_chains_resolve_to_their_origin():
     bm = BlockManager(8, BS)
     prompt = list(range(10))

@@ -234,17 +234,9 @@ class BlockManager:
         set ``num_computed_tokens`` to the matched length. Blocks that become full are entered in the
         prefix cache right away: the step that computes them runs before anyone else can read them, and
         within the step every layer writes all new K/V before any attention reads the cache."""
+        if match is None and num_new_tokens == 1 and self.append_token(seq):
+            return
         bs = self.block_size
-        start = seq.num_computed_tokens
-        if match is None and num_new_tokens == 1 and start % bs and start < seq.num_tokens:
-            # A decode token inside the sequence's last block, the call every decoding sequence makes
-            # every step: no new block, and no copy when the block is its own and not cached (what
-            # blocks_needed and the general path below would conclude, checked directly).
-            index = start // bs
-            block = self.blocks[seq.block_table[index]] if len(seq.block_table) == index + 1 else None
-            if block is not None and block.ref_count == 1 and block.hash is None:
-                self._write(seq, index, start + 1)
-                return
         if not self.can_allocate(seq, num_new_tokens, match):
             raise RuntimeError(f"not enough free KV blocks for {num_new_tokens} tokens of {seq.request_id}")
         if match is not None:
@@ -268,6 +260,22 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         for i in range(start // bs, -(-end // bs)):
             self._write(seq, i, min((i + 1) * bs, end))
+
+    def append_token(self, seq: Sequence) -> bool:
+        """Make room for ``seq``'s next token if it fits in the sequence's last block with no block
+        taken and nothing copied: the block is not full, no other sequence holds it and it is not
+        cached. That is a decode token of almost every decoding sequence in almost every step, so
+        the scheduler tries this first; it is what :meth:`allocate` ``(seq, 1)`` does then, without
+        the general checks (:meth:`blocks_needed` would find 0 blocks needed). Returns whether it
+        did; when not, nothing changed."""
+        start, table = seq.num_computed_tokens, seq.block_table
+        if not start % self.block_size or start >= len(seq.token_ids) or len(table) != start // self.block_size + 1:
+            return False
+        block = self.blocks[table[-1]]
+        if block.ref_count != 1 or block.hash is not None:
+            return False
+        self._write(seq, len(table) - 1, start + 1)
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (last block first, so prefixes stay cached longest)."""
