@@ -280,7 +280,9 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, ctx)                        # [T, H]
         if not sampled:
             return [], [], None
-        logits = self.model.compute_logits(hidden[rows])                          # [N, V]
+        # A step of decodes only samples every row in order (rows are increasing): no gather then.
+        last = hidden if len(sampled) == hidden.shape[0] and hidden.is_contiguous() else hidden.index_select(0, rows)
+        logits = self.model.compute_logits(last)                                  # [N, V]
         params = SamplingBatch([s.params for s in sampled], [s.num_tokens for s in sampled])
         tokens = self.sampler(logits, params)
         # The one device-to-host copy a step needs: the new tokens decide what runs next.
