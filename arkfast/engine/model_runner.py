@@ -232,10 +232,13 @@ class ModelRunner:
         bs, decode, nd = self.block_size, batch.decode, len(batch.decode)
         seqs = decode + [seq for seq, _ in batch.prefill]
         starts = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)            # [B]
-        counts = np.array([1] * nd + [n for _, n in batch.prefill], dtype=np.int64)             # [B]
-        ends = np.cumsum(counts)                                                                # [B]
-        row = np.repeat(np.arange(len(seqs)), counts)                                           # [T]
-        positions = np.arange(int(ends[-1]) if seqs else 0) + np.repeat(starts - (ends - counts), counts)
+        if batch.prefill:
+            counts = np.array([1] * nd + [n for _, n in batch.prefill], dtype=np.int64)         # [B]
+            ends = np.cumsum(counts)                                                            # [B]
+            row = np.repeat(np.arange(len(seqs)), counts)                                       # [T]
+            positions = np.arange(int(ends[-1])) + np.repeat(starts - (ends - counts), counts)  # [T]
+        else:  # decodes only: token b is sequence b's one token
+            row, positions = np.arange(nd), starts
         widths = [len(seq.block_table) for seq in seqs]
         tables = batch.block_tables.gather(seqs, max(widths, default=0))                        # [B, W]
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs            # [T]
@@ -248,7 +251,7 @@ class ModelRunner:
             if p + n == seq.num_tokens:
                 rows.append(int(ends[b]) - 1)
                 sampled.append(seq)
-        max_seqlen = int((starts + counts).max()) if seqs else 0
+        max_seqlen = int(positions.max()) + 1 if seqs else 0
         ids_t, pos_t, slots_t, rows_t, src_t, dst_t = self._upload(
             [ids, positions, slots, rows, batch.copy_src, batch.copy_dst], torch.int64)
         ctx = PagedAttentionContext(self.kv_caches, slots_t, max_seqlen, num_decode=nd)
