@@ -143,8 +143,8 @@ def test_append_token_only_in_place():
     c.token_ids.append(9)
 
     def state():
-        return ([list(s.block_table) for s in (a, c)], [(b.ref_count, list(b.token_ids), b.hash) for b in bm.blocks],
-                bm.num_free_blocks, set(bm._writes))
+        blocks = [(b.ref_count, list(b.token_ids), b.hash) for b in bm.blocks]
+        return [list(s.block_table) for s in (a, c)], blocks, bm.num_free_blocks, set(bm._writes)
 
     last = bm.blocks[a.block_table[-1]]
     last.ref_count += 1  # someone else holds it too

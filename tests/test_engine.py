@@ -399,16 +399,17 @@ def test_prepare_metadata_equals_its_per_token_definition(checkpoints):
             plans.clear()
             ids, positions, ctx, rows, sampled = prepare(batch)
             work = [(seq, 1) for seq in batch.decode] + batch.prefill
-            want_pos = [j for seq, n in work for j in range(seq.num_computed_tokens, seq.num_computed_tokens + n)]
-            want_ids = [seq.token_ids[j] for seq, n in work
-                        for j in range(seq.num_computed_tokens, seq.num_computed_tokens + n)]
-            want_slots = [seq.block_table[j // bs] * bs + j % bs for seq, n in work
-                          for j in range(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+            tokens = [(seq, j) for seq, n in work
+                      for j in range(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+            want_pos = [j for _, j in tokens]
+            want_ids = [seq.token_ids[j] for seq, j in tokens]
+            want_slots = [seq.block_table[j // bs] * bs + j % bs for seq, j in tokens]
             assert positions.tolist() == want_pos and ids.tolist() == want_ids
             assert ctx.slot_mapping.tolist() == want_slots
             assert ctx.max_seqlen == max(seq.num_computed_tokens + n for seq, n in work)
             ends = list(itertools.accumulate(n for _, n in work))
-            want = [(e - 1, seq) for (seq, n), e in zip(work, ends) if seq.num_computed_tokens + n == seq.num_tokens]
+            want = [(e - 1, seq) for (seq, n), e in zip(work, ends)
+                    if seq.num_computed_tokens + n == seq.num_tokens]
             assert rows.tolist() == [r for r, _ in want] and sampled == [s for _, s in want]
             for padded, seqs in ((plans[0] if batch.decode else None, batch.decode),
                                  (ctx.block_tables, [s for s, _ in batch.prefill])):

@@ -268,8 +268,8 @@ class BlockManager:
         the scheduler tries this first; it is what :meth:`allocate` ``(seq, 1)`` does then, without
         the general checks (:meth:`blocks_needed` would find 0 blocks needed). Returns whether it
         did; when not, nothing changed."""
-        start, table = seq.num_computed_tokens, seq.block_table
-        if not start % self.block_size or start >= len(seq.token_ids) or len(table) != start // self.block_size + 1:
+        bs, start, table = self.block_size, seq.num_computed_tokens, seq.block_table
+        if not start % bs or start >= len(seq.token_ids) or len(table) != start // bs + 1:
             return False
         block = self.blocks[table[-1]]
         if block.ref_count != 1 or block.hash is not None:

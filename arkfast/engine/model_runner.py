@@ -284,7 +284,8 @@ class ModelRunner:
         if not sampled:
             return [], [], None
         # A step of decodes only samples every row in order (rows are increasing): no gather then.
-        last = hidden if len(sampled) == hidden.shape[0] and hidden.is_contiguous() else hidden.index_select(0, rows)
+        in_order = len(sampled) == hidden.shape[0] and hidden.is_contiguous()
+        last = hidden if in_order else hidden.index_select(0, rows)               # [N, H]
         logits = self.model.compute_logits(last)                                  # [N, V]
         params = SamplingBatch([s.params for s in sampled], [s.num_tokens for s in sampled])
         tokens = self.sampler(logits, params)
