@@ -1,7 +1,7 @@
 """The KV block manager on its own: hash chain, prefix hits, refcounts, LRU eviction, copy-on-write."""
 import pytest
 
-from arkfast.engine.block_manager import ROOT_HASH, BlockManager, chain_hash
+from arkfast.engine.block_manager import ROOT_HASH, BlockManager, BlockTables, chain_hash
 from arkfast.engine.sequence import Sequence
 
 BS = 16
@@ -131,6 +131,36 @@ def test_copy_on_write_of_a_shared_partial_block():
     assert bm.take_copies() == ([], []) and bm.blocks[a.block_table[1]].token_ids == prompt[BS:] + [42]
 
 
+def test_append_token_only_in_place():
+    """append_token takes a decode token only when it goes into the sequence's own, unshared,
+    uncached, not-full last block; otherwise it changes nothing (allocate's general path runs)."""
+    bm = BlockManager(8, BS)
+    a = make_seq(list(range(BS + 5)), "a")
+    c = make_seq(list(range(100, 100 + 2 * BS)), "c")
+    admit(bm, a)
+    admit(bm, c)
+    a.token_ids.append(7)
+    c.token_ids.append(9)
+
+    def state():
+        blocks = [(b.ref_count, list(b.token_ids), b.hash) for b in bm.blocks]
+        return [list(s.block_table) for s in (a, c)], blocks, bm.num_free_blocks, set(bm._writes)
+
+    last = bm.blocks[a.block_table[-1]]
+    last.ref_count += 1  # someone else holds it too
+    before = state()
+    assert not bm.append_token(a) and state() == before
+    last.ref_count -= 1
+    before = state()
+    assert not bm.append_token(c) and state() == before  # its last block is full: it needs a new one
+    free = bm.num_free_blocks
+    assert bm.append_token(a) and bm.num_free_blocks == free
+    assert last.token_ids == a.token_ids[BS:] and last.block_id in bm._writes
+    a.num_computed_tokens += 1
+    before = state()
+    assert not bm.append_token(a) and state() == before  # nothing left to compute
+
+
 def test_copy_chains_resolve_to_their_origin():
     bm = BlockManager(8, BS)
     prompt = list(range(10))
@@ -222,6 +252,42 @@ def test_allocation_beyond_capacity_raises():
         bm.allocate(seq, seq.num_tokens, match)
 
 
+def assert_tables_match(tables, holding, others):
+    """``tables`` holds each of ``holding``'s block tables in a row of its own, ``-1`` after it, every
+    other row is all ``-1``, and ``others`` (holding no blocks) have no row."""
+    rows = [seq.table_row for seq in holding]
+    assert len(set(rows)) == len(rows) and all(r >= 0 for r in rows), rows
+    assert all(seq.block_table == [] and seq.table_row == -1 for seq in others)
+    expected = [[-1] * tables.array.shape[1] for _ in range(len(tables.array))]
+    for seq in holding:
+        expected[seq.table_row][:len(seq.block_table)] = seq.block_table
+    assert tables.array.tolist() == expected
+    width = max((len(seq.block_table) for seq in holding), default=0)
+    assert tables.gather(holding, width).tolist() == [t + [-1] * (width - len(t))
+                                                      for t in (seq.block_table for seq in holding)]
+
+
+def test_block_tables_grow_and_reuse_rows():
+    tables = BlockTables(rows=1, width=1)
+    a, b, c = make_seq([1], "a"), make_seq([2], "b"), make_seq([3], "c")
+    a.block_table, b.block_table = [4, 5, 6], [7]
+    tables.assign(a, a.block_table)
+    tables.assign(b, b.block_table)
+    assert tables.array.shape == (2, 4)
+    assert_tables_match(tables, [a, b], [c])
+    a.block_table = []
+    tables.release(a)
+    c.block_table = [9, 8]
+    tables.assign(c, c.block_table)
+    assert c.table_row == 0  # a's row, cleared, is reused
+    assert_tables_match(tables, [b, c], [a])
+    b.block_table[0] = 3
+    tables.set(b, 0, 3)
+    assert_tables_match(tables, [b, c], [a])
+    with pytest.raises(ValueError, match="wider"):
+        tables.gather([b], 5)
+
+
 # (seed, num_blocks, max_num_seqs, max_num_batched_tokens, prefix caching)
 SIMULATIONS = [(0, 10, 8, 24, True), (1, 12, 8, 8, True), (2, 40, 8, 64, True), (3, 40, 3, 24, True),
                (4, 10, 8, 24, False), (5, 14, 8, 64, True)]
@@ -233,7 +299,8 @@ def test_scheduler_and_block_manager_keep_the_cache_consistent(seed, num_blocks,
     writes and copy-on-write copies are applied as the model runner applies them, and after every
     step each scheduled sequence must find its own tokens in its slots. Refcounts must equal the
     number of holders. Prompts share prefixes (often whole prompts) to exercise hits, partial hits,
-    copies, eviction and preemption (small caches)."""
+    copies, eviction and preemption (small caches). The block manager's array of block tables (started
+    at one row of one block, so that it grows) must equal the sequences' lists after every step."""
     import random
 
     from arkfast.engine.config import EngineConfig
@@ -243,6 +310,7 @@ def test_scheduler_and_block_manager_keep_the_cache_consistent(seed, num_blocks,
     rng = random.Random(seed)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, enable_prefix_caching=caching)
     bm = BlockManager(num_blocks, BS, cfg.enable_prefix_caching)
+    bm.tables = BlockTables(rows=1, width=1)
     sched = Scheduler(cfg, bm)
     cache = [-1] * (num_blocks * BS)
     roots = [[rng.randrange(50) for _ in range(rng.randrange(1, 40))] for _ in range(3)]
@@ -287,6 +355,7 @@ def test_scheduler_and_block_manager_keep_the_cache_consistent(seed, num_blocks,
         assert all(holders.get(b, 0) == 0 for b in bm._free)
         assert len(bm._free) + len(holders) == num_blocks
         assert all(bm._children.values()) and sum(map(len, bm._children.values())) <= num_blocks
+        assert_tables_match(bm.tables, sched.running, [*sched.waiting, *finished])
         assert step < 5000
     assert len(finished) == 24
     assert (sched.num_preemptions > 0) == (num_blocks < 20)

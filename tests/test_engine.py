@@ -4,6 +4,7 @@ Greedy outputs are compared token for token with transformers' ``generate``; the
 features (chunked prefill, prefix caching, preemption, copy-on-write, cascade decode) are checked by
 running the same requests with the feature on and off: greedy outputs must not change.
 """
+import itertools
 import subprocess
 import sys
 
@@ -374,3 +375,58 @@ def test_cpu_decode_path_matches_the_reference(checkpoints, cascade):
     assert llm.runner._cpu_path()
     assert token_ids(llm.generate(prompts, params)) == expected
     assert (llm.stats["cascade_steps"] > 0) == (cascade == "on")
+
+
+def test_prepare_metadata_equals_its_per_token_definition(checkpoints):
+    """Every step of runs with chunked prefill, prefix hits, copy-on-write and preemption: the
+    runner's array-built metadata (input ids, positions, slots, logit rows, the prefill chunks'
+    offsets, cached lengths and block tables, the decode plan's padded tables) equals what the
+    definitions give token by token from each sequence's ``block_table`` list."""
+    path = checkpoints["llama"]
+    q = random_ids(37, seed=60)
+    prompts = [q + random_ids(n, seed=61 + n) for n in (1, 6, 17, 40)] + [q, q, random_ids(1, seed=70)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    for options in ({"max_num_batched_tokens": 24}, {"num_kv_blocks": 12, "max_model_len": 128}):
+        llm = LLM(path, block_size=16, **options)
+        runner, bs, checked = llm.runner, 16, []
+        prepare, decode_plan, plans = runner.prepare, runner._decode_plan, []
+
+        def recording_plan(decode, padded, decode_plan=decode_plan, plans=plans):
+            plans.append(padded.clone())
+            return decode_plan(decode, padded)
+
+        def checking_prepare(batch, prepare=prepare, plans=plans, checked=checked, bs=bs):
+            plans.clear()
+            ids, positions, ctx, rows, sampled = prepare(batch)
+            work = [(seq, 1) for seq in batch.decode] + batch.prefill
+            tokens = [(seq, j) for seq, n in work
+                      for j in range(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+            want_pos = [j for _, j in tokens]
+            want_ids = [seq.token_ids[j] for seq, j in tokens]
+            want_slots = [seq.block_table[j // bs] * bs + j % bs for seq, j in tokens]
+            assert positions.tolist() == want_pos and ids.tolist() == want_ids
+            assert ctx.slot_mapping.tolist() == want_slots
+            assert ctx.max_seqlen == max(seq.num_computed_tokens + n for seq, n in work)
+            ends = list(itertools.accumulate(n for _, n in work))
+            want = [(e - 1, seq) for (seq, n), e in zip(work, ends)
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+            assert rows.tolist() == [r for r, _ in want] and sampled == [s for _, s in want]
+            for padded, seqs in ((plans[0] if batch.decode else None, batch.decode),
+                                 (ctx.block_tables, [s for s, _ in batch.prefill])):
+                if not seqs:
+                    continue
+                width = max(len(s.block_table) for s in seqs)
+                assert padded.dtype == torch.int32
+                assert padded.tolist() == [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+            if batch.prefill:
+                assert ctx.cu_seqlens.tolist() == [0, *itertools.accumulate(n for _, n in batch.prefill)]
+                assert ctx.cached_lens.tolist() == [s.num_computed_tokens for s, _ in batch.prefill]
+                assert ctx.max_new == max(n for _, n in batch.prefill)
+            assert ctx.num_decode == len(batch.decode)
+            checked.append((len(batch.decode), len(batch.prefill)))
+            return ids, positions, ctx, rows, sampled
+
+        runner.prepare, runner._decode_plan = checking_prepare, recording_plan
+        llm.generate(prompts, params)
+        assert any(d and p for d, p in checked)  # some steps mixed decodes and prefill chunks
+    assert llm.stats["preemptions"] > 0 and llm.block_manager.num_copied_blocks > 0

@@ -22,6 +22,11 @@ identical prompts, or a partial hit), or into a full cached block (those stay im
 the writer to a fresh block; the slots before the write position are copied over. Copies are recorded as slot pairs and carried out by the model
 runner in every layer right after the step's new K/V are written (the source may be written in the
 same step), see :meth:`take_copies`.
+
+Block tables as an array. Besides each sequence's ``block_table`` list, the manager keeps every table in
+one int32 array (:class:`BlockTables`, a row per sequence holding blocks, ``-1`` past its last block),
+updated wherever a table changes, so that the model runner gathers a step's padded ``[B, W]`` tables
+with one index instead of re-padding B Python lists every step.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import collections
 import dataclasses
 import hashlib
 from array import array
+
+import numpy as np
 
 from .sequence import Sequence
 
@@ -40,6 +47,56 @@ def chain_hash(parent: int, tokens: list[int]) -> int:
     digest = hashlib.blake2b(parent.to_bytes(16, "little"), digest_size=16)
     digest.update(array("q", tokens).tobytes())
     return int.from_bytes(digest.digest(), "little")
+
+
+class BlockTables:
+    """Every block-holding sequence's ``block_table`` as a row of one int32 array ``[rows, width]``:
+    ``array[seq.table_row, :len(seq.block_table)] == seq.block_table`` and ``-1`` after it; a
+    sequence without blocks has ``table_row == -1``. Rows and width grow (doubling) on demand. Only
+    the :class:`BlockManager` writes it, at the few places a table changes (a block appended, a
+    copy-on-write replacing the last block, a prefix match taken over, the sequence freed)."""
+
+    def __init__(self, rows: int = 16, width: int = 16):
+        self.array = np.full((rows, width), -1, dtype=np.int32)
+        self._free_rows = list(range(rows - 1, -1, -1))  # popped from the end: lowest row first
+
+    def set(self, seq: Sequence, index: int, block_id: int) -> None:
+        """``seq.block_table[index] = block_id`` in the array (``index <= len(seq.block_table)``)."""
+        if seq.table_row < 0:
+            if not self._free_rows:
+                rows = len(self.array)
+                self.array = np.concatenate([self.array, np.full_like(self.array, -1)])
+                self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+            seq.table_row = self._free_rows.pop()
+        if index >= self.array.shape[1]:
+            width = self.array.shape[1]
+            while width <= index:
+                width *= 2
+            grown = np.full((len(self.array), width), -1, dtype=np.int32)
+            grown[:, :self.array.shape[1]] = self.array
+            self.array = grown
+        self.array[seq.table_row, index] = block_id
+
+    def assign(self, seq: Sequence, blocks: list[int]) -> None:
+        """``seq.block_table = blocks`` in the array."""
+        if seq.table_row >= 0:
+            self.array[seq.table_row] = -1
+        for index, block_id in enumerate(blocks):
+            self.set(seq, index, block_id)
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` no longer holds blocks: its row is cleared and reused."""
+        if seq.table_row >= 0:
+            self.array[seq.table_row] = -1
+            self._free_rows.append(seq.table_row)
+            seq.table_row = -1
+
+    def gather(self, seqs: list[Sequence], width: int) -> np.ndarray:
+        """The tables of ``seqs`` (each holding at most ``width`` blocks) as a new ``[len(seqs),
+        width]`` int32 array, ``-1`` after each table (a copy: later updates do not reach it)."""
+        if width > self.array.shape[1]:
+            raise ValueError(f"width {width} is wider than the widest table ({self.array.shape[1]} columns)")
+        return self.array[[seq.table_row for seq in seqs], :width]
 
 
 @dataclasses.dataclass
@@ -75,6 +132,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
+        self.tables = BlockTables()                              # every seq.block_table, as one array
         self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}                        # full-block hash -> block id
         self._children: dict[int, set[int]] = {}                 # parent hash -> ids of blocks with content
@@ -176,23 +234,16 @@ class BlockManager:
         set ``num_computed_tokens`` to the matched length. Blocks that become full are entered in the
         prefix cache right away: the step that computes them runs before anyone else can read them, and
         within the step every layer writes all new K/V before any attention reads the cache."""
+        if match is None and num_new_tokens == 1 and self.append_token(seq):
+            return
         bs = self.block_size
-        start = seq.num_computed_tokens
-        if match is None and num_new_tokens == 1 and start % bs and start < seq.num_tokens:
-            # A decode token inside the sequence's last block, the call every decoding sequence makes
-            # every step: no new block, and no copy when the block is its own and not cached (what
-            # blocks_needed and the general path below would conclude, checked directly).
-            index = start // bs
-            block = self.blocks[seq.block_table[index]] if len(seq.block_table) == index + 1 else None
-            if block is not None and block.ref_count == 1 and block.hash is None:
-                self._write(seq, index, start + 1)
-                return
         if not self.can_allocate(seq, num_new_tokens, match):
             raise RuntimeError(f"not enough free KV blocks for {num_new_tokens} tokens of {seq.request_id}")
         if match is not None:
             for block_id in match.blocks:
                 self._take(block_id)
             seq.block_table = list(match.blocks)
+            self.tables.assign(seq, match.blocks)
             seq.num_computed_tokens = match.num_tokens
             self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += match.num_tokens
@@ -205,9 +256,26 @@ class BlockManager:
             block = self._fresh_block()
             block.parent_hash = self._parent_hash(seq, len(seq.block_table)) if self.enable_prefix_caching \
                 else None
+            self.tables.set(seq, len(seq.block_table), block.block_id)
             seq.block_table.append(block.block_id)
         for i in range(start // bs, -(-end // bs)):
             self._write(seq, i, min((i + 1) * bs, end))
+
+    def append_token(self, seq: Sequence) -> bool:
+        """Make room for ``seq``'s next token if it fits in the sequence's last block with no block
+        taken and nothing copied: the block is not full, no other sequence holds it and it is not
+        cached. That is a decode token of almost every decoding sequence in almost every step, so
+        the scheduler tries this first; it is what :meth:`allocate` ``(seq, 1)`` does then, without
+        the general checks (:meth:`blocks_needed` would find 0 blocks needed). Returns whether it
+        did; when not, nothing changed."""
+        bs, start, table = self.block_size, seq.num_computed_tokens, seq.block_table
+        if not start % bs or start >= len(seq.token_ids) or len(table) != start // bs + 1:
+            return False
+        block = self.blocks[table[-1]]
+        if block.ref_count != 1 or block.hash is not None:
+            return False
+        self._write(seq, len(table) - 1, start + 1)
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (last block first, so prefixes stay cached longest)."""
@@ -220,6 +288,7 @@ class BlockManager:
                 if not block.token_ids:  # nothing worth keeping: reuse it first
                     self._free.move_to_end(block_id, last=False)
         seq.block_table = []
+        self.tables.release(seq)
         seq.num_computed_tokens = 0
 
     def take_copies(self) -> tuple[list[int], list[int]]:
@@ -320,6 +389,7 @@ class BlockManager:
             # this step, so it must not be handed out (and overwritten) before the step is over.
             self._release_after_step.append(old.block_id)
         seq.block_table[-1] = new.block_id
+        self.tables.set(seq, len(seq.block_table) - 1, new.block_id)
 
     def _write(self, seq: Sequence, index: int, end: int) -> None:
         """Record that ``seq``'s block ``index`` holds its tokens up to ``end`` (exclusive)."""

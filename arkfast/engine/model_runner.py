@@ -22,8 +22,8 @@ runs the reference too. On CUDA the Triton kernels run, and pure decode steps re
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
+import numpy as np
 import torch
 
 from arkfast.kernels._common import upload
@@ -122,18 +122,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, self.planner, max_batch, max_model_len)
 
     # ------------------------------------------------------------------------------------------------
-    def _upload(self, host: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Host int lists → device tensors, in one host-to-device copy (:func:`arkfast.kernels._common.upload`)."""
+    def _upload(self, host: list[list[int] | np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Host int lists / arrays → device tensors, in one host-to-device copy
+        (:func:`arkfast.kernels._common.upload`)."""
         return upload(host, dtype, self.device)
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Cache slots of ``seq``'s tokens ``[start, end)``: each block's slots as a range (the loop
-        is per block, the tokens are expanded in C), then cut to the tokens asked for."""
-        bs, table = self.block_size, seq.block_table
-        first = start // bs
-        blocks = table[first:-(-end // bs)]
-        slots = list(itertools.chain.from_iterable(range(b * bs, b * bs + bs) for b in blocks))
-        return slots[start - first * bs:end - first * bs]
 
     def _cpu_path(self) -> bool:
         """Whether decode attention takes the CPU path (:mod:`arkfast.kernels.cpu_decode_attention`):
@@ -141,47 +133,61 @@ class ModelRunner:
         return (self.device.type == "cpu" and not use_triton(self.kv_caches[0][0])
                 and not reference_forced())
 
-    def _decode_plan(self, decode: list[Sequence]) -> DecodePlan | CpuDecodePlan:
+    def _decode_plan(self, decode: list[Sequence], padded: torch.Tensor
+                     ) -> DecodePlan | CpuDecodePlan:
+        """The decode plan; ``padded [B, W]`` int32: ``decode``'s block tables, ``-1`` after each."""
         return self.planner.plan([seq.block_table for seq in decode],
-                                 [seq.num_computed_tokens + 1 for seq in decode], cpu_path=self._cpu_path())
+                                 [seq.num_computed_tokens + 1 for seq in decode], cpu_path=self._cpu_path(),
+                                 padded=padded)
 
     def prepare(self, batch: ScheduledBatch):
-        """``(input_ids [T], positions [T], context, logit_rows [N], sampled sequences)`` for ``batch``."""
-        bs, decode = self.block_size, batch.decode
-        positions = [seq.num_computed_tokens for seq in decode]
-        ids = [seq.token_ids[p] for seq, p in zip(decode, positions)]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(decode, positions)]
-        rows, sampled = list(range(len(decode))), list(decode)
-        cu, cached, tables, max_new = [0], [], [], 0
-        max_seqlen = max(positions, default=-1) + 1
-        for seq, n in batch.prefill:
+        """``(input_ids [T], positions [T], context, logit_rows [N], sampled sequences)`` for ``batch``.
+
+        The step's B sequences (decodes first, then the prefill chunks) compute ``counts[b]`` tokens
+        from ``starts[b]`` on. Its T tokens are laid out by array arithmetic, not a loop over tokens:
+        token ``t`` belongs to sequence ``row[t]`` at position ``positions[t]``, and its cache slot is
+        ``tables[row[t], positions[t] // bs] * bs + positions[t] % bs``, ``tables [B, W]`` being the
+        sequences' block tables gathered from the block manager's array in one index."""
+        bs, decode, nd = self.block_size, batch.decode, len(batch.decode)
+        seqs = decode + [seq for seq, _ in batch.prefill]
+        starts = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)            # [B]
+        if batch.prefill:
+            counts = np.array([1] * nd + [n for _, n in batch.prefill], dtype=np.int64)         # [B]
+            ends = np.cumsum(counts)                                                            # [B]
+            row = np.repeat(np.arange(len(seqs)), counts)                                       # [T]
+            positions = np.arange(int(ends[-1])) + np.repeat(starts - (ends - counts), counts)  # [T]
+        else:  # decodes only: token b is sequence b's one token
+            row, positions = np.arange(nd), starts
+        widths = [len(seq.block_table) for seq in seqs]
+        tables = batch.block_tables.gather(seqs, max(widths, default=0))                        # [B, W]
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs            # [T]
+        ids = [seq.token_ids[seq.num_computed_tokens] for seq in decode]
+        # A sequence samples when its tokens reach its last one (every decode does), from its last row.
+        rows, sampled = list(range(nd)), list(decode)
+        for b, (seq, n) in enumerate(batch.prefill, nd):
             p = seq.num_computed_tokens
             ids += seq.token_ids[p:p + n]
-            positions += range(p, p + n)
-            slots += self._slots(seq, p, p + n)
-            cu.append(cu[-1] + n)
-            cached.append(p)
-            tables.append(seq.block_table)
-            max_new = max(max_new, n)
-            max_seqlen = max(max_seqlen, p + n)
-            if p + n == seq.num_tokens:  # the chunk reaches the last token: sample from it
-                rows.append(len(decode) + cu[-1] - 1)
+            if p + n == seq.num_tokens:
+                rows.append(int(ends[b]) - 1)
                 sampled.append(seq)
+        max_seqlen = int(positions.max()) + 1 if seqs else 0
         ids_t, pos_t, slots_t, rows_t, src_t, dst_t = self._upload(
             [ids, positions, slots, rows, batch.copy_src, batch.copy_dst], torch.int64)
-        ctx = PagedAttentionContext(self.kv_caches, slots_t, max_seqlen, num_decode=len(decode))
+        ctx = PagedAttentionContext(self.kv_caches, slots_t, max_seqlen, num_decode=nd)
         if batch.copy_src:
             ctx.copy_src, ctx.copy_dst = src_t, dst_t
         if decode:
-            ctx.plan = self._decode_plan(decode)
+            padded = np.ascontiguousarray(tables[:nd, :max(widths[:nd])])                      # [Bd, Wd]
+            ctx.plan = self._decode_plan(decode, torch.from_numpy(padded))
             self.num_cascade_steps += int(ctx.plan.num_prefix_groups > 0 if isinstance(ctx.plan, CpuDecodePlan)
                                           else ctx.plan.use_cascade)
         if batch.prefill:
-            width = max(len(t) for t in tables)
-            padded = list(itertools.chain.from_iterable(t + [-1] * (width - len(t)) for t in tables))
-            ctx.cu_seqlens, ctx.cached_lens, flat_tables = self._upload([cu, cached, padded], torch.int32)
-            ctx.block_tables = flat_tables.view(len(tables), width)
-            ctx.max_new = max_new
+            padded = tables[nd:, :max(widths[nd:])]                                              # [Bp, Wp]
+            cu = np.concatenate([[0], ends[nd:] - nd])                                           # [Bp + 1]
+            ctx.cu_seqlens, ctx.cached_lens, flat_tables = self._upload([cu, starts[nd:], padded.ravel()],
+                                                                        torch.int32)
+            ctx.block_tables = flat_tables.view(padded.shape)
+            ctx.max_new = int(counts[nd:].max())
         return ids_t, pos_t, ctx, rows_t, sampled
 
     @torch.inference_mode()
@@ -196,7 +202,10 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, ctx)                        # [T, H]
         if not sampled:
             return [], [], None
-        logits = self.model.compute_logits(hidden[rows])                          # [N, V]
+        # A step of decodes only samples every row in order (rows are increasing): no gather then.
+        in_order = len(sampled) == hidden.shape[0] and hidden.is_contiguous()
+        last = hidden if in_order else hidden.index_select(0, rows)               # [N, H]
+        logits = self.model.compute_logits(last)                                  # [N, V]
         params = SamplingBatch([s.params for s in sampled], [s.num_tokens for s in sampled])
         tokens = self.sampler(logits, params)
         # The one device-to-host copy a step needs: the new tokens decide what runs next.

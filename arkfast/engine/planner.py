@@ -179,13 +179,16 @@ class DecodePlanner:
                                             cost_model=self.cost_model)
         return dataclasses.replace(self, capacity=capacity)
 
-    def plan(self, block_tables: list[list[int]], seq_lens: list[int], *, cpu_path: bool
-             ) -> DecodePlan | CpuDecodePlan:
+    def plan(self, block_tables: list[list[int]], seq_lens: list[int], *, cpu_path: bool,
+             padded: torch.Tensor | None = None) -> DecodePlan | CpuDecodePlan:
         """The plan of one decode step over sequences with these block tables (host lists of block
         ids) and lengths (tokens after this step's, host ints): a :class:`CpuDecodePlan` for the CPU
-        path when ``cpu_path``, else a :class:`DecodePlan` for the kernels (or their references)."""
-        width = max(len(t) for t in block_tables)
-        padded = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)  # [B, W]
+        path when ``cpu_path``, else a :class:`DecodePlan` for the kernels (or their references).
+        ``padded [B, W]`` int32: the same tables padded with -1, when the caller has them (else built
+        here)."""
+        if padded is None:
+            width = max(len(t) for t in block_tables)
+            padded = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)  # [B, W]
         groups = prefix_groups(block_tables, seq_lens, self.block_size) if self.cascade != "off" else None
         if cpu_path:
             if groups is not None and self.cascade == "auto" and not cpu_grouping_pays(

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import time
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, BlockTables
 from .config import EngineConfig
 from .sequence import Sequence, SequenceStatus
 
@@ -31,12 +31,14 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     """One step's work. ``decode``: sequences computing their one remaining token; ``prefill``:
     ``(sequence, num_tokens)`` chunks of longer remainders; ``copy_src`` / ``copy_dst``: slot pairs
-    for the model runner to copy after writing the step's K/V (copy-on-write)."""
+    for the model runner to copy after writing the step's K/V (copy-on-write); ``block_tables``: the
+    block manager's array of every sequence's block table (read by the runner for this step)."""
 
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]
     copy_src: list[int]
     copy_dst: list[int]
+    block_tables: BlockTables
 
     @property
     def num_tokens(self) -> int:
@@ -71,26 +73,34 @@ class Scheduler:
         decode: list[Sequence] = []
         prefill: list[tuple[Sequence, int]] = []
 
+        rest: list[Sequence] = []  # running sequences with more than one token left, in order
         for seq in list(self.running):                                       # 1. decodes
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted by an older sequence this step
                 continue
-            while not bm.can_allocate(seq, 1):
-                victim = self._newest_unscheduled(scheduled, exclude=seq)
-                self._preempt(victim or seq)
-                if victim is None:
-                    break
-            if seq.status is SequenceStatus.RUNNING:
+            if len(seq.token_ids) - seq.num_computed_tokens != 1:
+                rest.append(seq)
+                continue
+            if not bm.append_token(seq):  # else its token fits in its own last block: nothing to check
+                while not bm.can_allocate(seq, 1):
+                    victim = self._newest_unscheduled(scheduled, exclude=seq)
+                    self._preempt(victim or seq)
+                    if victim is None:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
                 bm.allocate(seq, 1)
-                decode.append(seq)
-                scheduled.add(id(seq))
-                budget -= 1
+            decode.append(seq)
+            scheduled.add(id(seq))
+            budget -= 1
 
-        for seq in list(self.running):                                       # 2. prefill chunks
+        # 2. prefill chunks. Preemptions above only took sequences after the one decoding, so `rest`
+        # is every running sequence not scheduled yet, in order (or budget is 0 and nothing runs).
+        for seq in rest:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or id(seq) in scheduled:
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
             n = self._fit(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             while n == 0:
@@ -127,7 +137,7 @@ class Scheduler:
             budget -= n
 
         copy_src, copy_dst = bm.take_copies()
-        return ScheduledBatch(decode, prefill, copy_src, copy_dst)
+        return ScheduledBatch(decode, prefill, copy_src, copy_dst, bm.tables)
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Advance ``num_computed_tokens`` past what ``batch`` computed."""

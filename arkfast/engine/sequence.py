@@ -82,6 +82,7 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.table_row = -1  # this block_table's row in the block manager's BlockTables (-1: no blocks)
         self.block_hashes: list[int] = []  # chained hash of each full block of token_ids (block manager's)
         self.num_computed_tokens = 0
         self.num_cached_tokens: int | None = None  # set at first admission
