@@ -3,6 +3,7 @@ values, Monte-Carlo labels on the engine, the packed step scores against transfo
 save/reload, the CLI's files and its one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -369,6 +370,119 @@ def test_a_stopped_run_resumed_continues_the_same_loss_curve(tmp_path, tok):
 
 
 # ------------------------------------------------------------------------------------------------
+# policy features and the head fit
+# ------------------------------------------------------------------------------------------------
+def _reference_policy_features(backbone, tok, record):
+    """The POLICY_FEATURES of one trajectory, one token at a time in float64 from the backbone's
+    next-token distributions over the sequence alone (the definitions in arkfast.prm.model)."""
+    from arkfast.models import VarlenContext
+    from arkfast.trajectories import chat_prompt_ids, encode_response
+
+    prompt = chat_prompt_ids(tok, record["prompt"])
+    response, ranges = encode_response(tok, record["response"], record["steps"])
+    ids = torch.tensor(prompt + response)
+    ctx, positions = VarlenContext.from_lengths([len(ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(backbone.compute_logits(backbone(ids, positions, ctx)).double(), -1)
+    marker = [i for i in range(len(tok)) if "=" in tok.decode([i])]
+    out, cum, cum_res, cum_op, ntok, low = [], 0.0, 0.0, 0.0, 0, math.inf
+    for k, (t0, t1) in enumerate(ranges):
+        lps, ents, last = [], [], -1
+        for j, t in enumerate(range(len(prompt) + t0, len(prompt) + t1)):
+            dist = logp[t - 1]
+            lps.append(float(dist[ids[t]]))
+            ents.append(float(-(dist.exp() * dist).sum()))
+            if int(ids[t]) in marker:
+                last = j
+        step, res = sum(lps), sum(lps[last + 1:])
+        cum, cum_res, cum_op, ntok, low = cum + step, cum_res + res, cum_op + step - res, ntok + t1 - t0, min(low, step)
+        out.append([step, min(lps), cum, low, k, step / len(lps), sum(ents), ntok, res, step - res, cum_res, cum_op,
+                    sum(a + b for a, b in zip(lps, ents))])
+    return out
+
+
+def test_policy_features_packed_match_a_per_token_reference(tok):
+    from arkfast.prm.model import POLICY_FEATURES, result_marker_ids
+
+    records = _records(tok, 7, seed=11)
+    markers = result_marker_ids(tok)
+    assert tok.encode(" = ", add_special_tokens=False)[0] in markers
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="policy", result_marker_ids=markers)).double()
+    examples = [encode_trajectory(tok, r) for r in records]
+    rows = pack_step_rows(examples, 300)
+    assert len(rows) < len(examples)  # several sequences share a row
+    got = {}
+    with torch.no_grad():
+        for row in rows:
+            ids, positions, ctx, step_index, _ = row.to_device("cpu")
+            raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+            assert h is None and raw.shape == (row.total_steps, len(POLICY_FEATURES))
+            for m, part in zip(row.members, torch.split(raw, list(row.num_steps))):
+                got[m] = part
+    for i, r in enumerate(records):
+        want = torch.tensor(_reference_policy_features(prm.backbone, tok, r), dtype=torch.float64)
+        assert torch.allclose(got[i], want, rtol=1e-9, atol=1e-9), (i, got[i] - want)
+    # the equations' results are split from their operands; the answer step (no '=') is all result
+    last = got[0][-1]
+    assert last[POLICY_FEATURES.index("operand_logprob")] == 0
+    assert got[0][0][POLICY_FEATURES.index("operand_logprob")] < 0
+    with pytest.raises(ValueError, match="response_start"):
+        score_examples(prm, [dataclasses.replace(examples[0], response_start=None)])
+
+
+def test_step_targets_soft_and_hard():
+    from arkfast.prm.training import step_targets
+
+    assert step_targets([0.0, 0.125, 1.0], "soft") == [0.0, 0.125, 1.0]
+    assert step_targets([0.0, 0.125, 1.0], "hard") == [0.0, 1.0, 1.0]
+    assert step_targets([1.0, 0.0], "hard") == [1.0, 0.0]  # outcome labels stay
+    with pytest.raises(ValueError, match="targets must be one of soft, hard"):
+        step_targets([0.5], "half")
+
+
+def test_fit_head_on_policy_features_fits_saves_and_ignores_the_seed(tmp_path, tok):
+    from arkfast.prm.model import result_marker_ids
+    from arkfast.prm.training import HeadFitConfig, fit_head
+
+    examples = _exact_examples(tok, _records(tok, 16, seed=4))
+    rows = pack_step_rows(examples, 384)
+    config = PRMConfig(features="policy", result_marker_ids=result_marker_ids(tok), tokenizer=tokenizer_fingerprint(tok))
+    truth = [bool(v) for ex in examples for v in ex.labels]
+    scores = []
+    for seed in (0, 7):  # the head's random init is replaced by the fit, which starts from zero weights
+        prm = ProcessRewardModel(load_prm_backbone(), config, seed=seed)
+        backbone = {k: v.clone() for k, v in prm.backbone.state_dict().items()}
+        result = fit_head(prm, rows, HeadFitConfig(l2=1e-3, output_dir=str(tmp_path / f"m{seed}")), log=None)
+        assert result.metrics[0]["bce"] == pytest.approx(math.log(2))  # zero weights: every step at 1/2
+        assert result.metrics[-1]["bce"] < 0.9 * result.metrics[0]["bce"]
+        assert all(torch.equal(v, backbone[k]) for k, v in prm.backbone.state_dict().items())  # frozen
+        assert float(prm.feature_std.min()) > 0 and float(prm.feature_mean.abs().sum()) > 0
+        scores.append(score_examples(prm, examples))
+        again = load_prm(tmp_path / f"m{seed}")
+        assert again.config == config
+        assert score_examples(again, examples) == scores[-1]
+    assert scores[0] == scores[1]
+    assert step_auroc([s for ss in scores[0] for s in ss], truth) > 0.75
+    with pytest.raises(ValueError, match="policy features"):
+        fit_head(ProcessRewardModel(load_prm_backbone()), rows, HeadFitConfig(), log=None)
+
+
+def test_hidden_plus_policy_head_reads_both(tok):
+    from arkfast.prm.model import POLICY_FEATURES
+
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="hidden+policy", result_marker_ids=[101]))
+    assert prm.head.in_features == prm.backbone.config.hidden_size + len(POLICY_FEATURES)
+    row = pack_step_rows([encode_trajectory(tok, r) for r in _records(tok, 2)], 300)[0]
+    ids, positions, ctx, step_index, _ = row.to_device("cpu")
+    with torch.no_grad():
+        x = prm.step_hidden(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+        raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+    assert torch.equal(x[:, len(POLICY_FEATURES):], h) and torch.equal(x[:, :len(POLICY_FEATURES)], raw)
+    with pytest.raises(ValueError, match="features must be one of"):
+        PRMConfig(features="logits")
+
+
+# ------------------------------------------------------------------------------------------------
 # the CLI: files, resume, scores, one-line errors
 # ------------------------------------------------------------------------------------------------
 def _cli(*argv):
@@ -420,8 +534,8 @@ def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
     write_trajectories(traj, _records(tok, 6, seed=9))
     labels = tmp_path / "labels.jsonl"
     _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
-    args = ("train", "--labels", labels, "--output", tmp_path / "m", "--steps", 4, "--save-every", 2,
-            "--eval-every", 0, "--row-tokens", 256, "--val-fraction", 0.2)
+    args = ("train", "--labels", labels, "--output", tmp_path / "m", "--features", "hidden", "--steps", 4,
+            "--save-every", 2, "--eval-every", 0, "--row-tokens", 256, "--val-fraction", 0.2)
     _cli(*args)
     state = json.loads((tmp_path / "m" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["finished"] and state["data"]["labels_sha256"].startswith("sha256:")
@@ -435,6 +549,29 @@ def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
         f.write(labels.read_text().splitlines()[0].replace('"id": "', '"id": "extra-') + "\n")
     with pytest.raises(ValueError, match="trained with labels_sha256="):
         _cli(*args, "--resume")
+
+
+def test_train_cli_default_fits_a_policy_feature_head(tmp_path, tok):
+    traj = tmp_path / "pad.jsonl"
+    records = _records(tok, 8, seed=9)
+    write_trajectories(traj, records)
+    labels = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
+    summary = _cli("train", "--labels", labels, "--output", tmp_path / "m", "--val-fraction", 0.25)
+    assert summary["features"] == "policy" and summary["targets"] == "hard"
+    assert summary["last_bce"] < summary["first_bce"] and summary["held_out_bce_after"] is not None
+    saved = json.loads((tmp_path / "m" / "prm_config.json").read_text())
+    assert saved["features"] == "policy" and saved["targets"] == "hard" and 101 in saved["result_marker_ids"]
+    assert not (tmp_path / "m" / "trainer_state.json").exists()
+    scored = tmp_path / "scored.jsonl"
+    _cli("score", "--input", traj, "--prm", tmp_path / "m", "--output", scored)
+    want = score_examples(load_prm(tmp_path / "m"), [encode_trajectory(tok, r) for r in records])
+    got = [json.loads(line)["step_scores"] for line in scored.read_text().splitlines()]
+    assert all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="without --resume"):
+        _cli("train", "--labels", labels, "--output", tmp_path / "m", "--resume")
+    with pytest.raises(ValueError, match="--projection-dim"):
+        _cli("train", "--labels", labels, "--output", tmp_path / "m2", "--projection-dim", 8)
 
 
 def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
