@@ -467,6 +467,30 @@ def test_fit_head_on_policy_features_fits_saves_and_ignores_the_seed(tmp_path, t
         fit_head(ProcessRewardModel(load_prm_backbone()), rows, HeadFitConfig(), log=None)
 
 
+def test_rollout_scoring_gives_a_policy_prm_each_steps_tokens(tok):
+    # GRPO scores its engine rollouts through StepExamples of its own; a policy-feature PRM needs their
+    # response_start, and then scores a rollout as it scores the same text as a trajectory record.
+    from types import SimpleNamespace
+
+    from arkfast.distill.rollout import score_groups
+    from arkfast.prm.model import result_marker_ids
+    from arkfast.trajectories import chat_prompt_ids, encode_response
+
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="policy", result_marker_ids=result_marker_ids(tok)))
+    torch.nn.init.normal_(prm.head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+    records = _records(tok, 3, seed=12)
+    rollouts = []
+    for r in records:
+        ids, ranges = encode_response(tok, r["response"], r["steps"])
+        rollouts.append(SimpleNamespace(prompt=SimpleNamespace(prompt_ids=tuple(chat_prompt_ids(tok, r["prompt"]))),
+                                        token_ids=ids, steps=ranges, step_scores=None))
+    score_groups(prm, [rollouts])
+    want = score_examples(prm, [encode_trajectory(tok, r) for r in records])
+    for r, w in zip(rollouts, want):
+        assert r.step_scores == pytest.approx(w, abs=1e-6)
+    assert max(max(w) for w in want) - min(min(w) for w in want) > 0.05  # scores that tell steps apart
+
+
 def test_hidden_plus_policy_head_reads_both(tok):
     from arkfast.prm.model import POLICY_FEATURES
 

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label file (default: runs/arith-train/prm/labels.jsonl, made first when missing)")
     t.add_argument("--output", metavar="DIR", default=None, help="PRM folder (default: runs/arith-train/prm/model)")
     t.add_argument("--base-model", metavar="DIR", default=None,
-                   help="backbone to start from (default: the embedded tiny model)")
+                   help="backbone to start from; with policy features the policy that wrote the trajectories "
+                        "(default: the embedded tiny model)")
     t.add_argument("--features", choices=FEATURE_SETS, default="policy",
                    help="the head's input: policy (the frozen backbone's token log-probability features of the "
                         "step and the response so far), hidden (the hidden state, backbone fine-tuned) or "
