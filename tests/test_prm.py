@@ -370,10 +370,10 @@ def test_a_stopped_run_resumed_continues_the_same_loss_curve(tmp_path, tok):
 
 
 # ------------------------------------------------------------------------------------------------
-# policy features and the head fit
+# log-probability features and the head fit
 # ------------------------------------------------------------------------------------------------
-def _reference_policy_features(backbone, tok, record):
-    """The POLICY_FEATURES of one trajectory, one token at a time in float64 from the backbone's
+def _reference_logprob_features(backbone, tok, record):
+    """The LOGPROB_FEATURES of one trajectory, one token at a time in float64 from the backbone's
     next-token distributions over the sequence alone (the definitions in arkfast.prm.model)."""
     from arkfast.models import VarlenContext
     from arkfast.trajectories import chat_prompt_ids, encode_response
@@ -401,13 +401,13 @@ def _reference_policy_features(backbone, tok, record):
     return out
 
 
-def test_policy_features_packed_match_a_per_token_reference(tok):
-    from arkfast.prm.model import POLICY_FEATURES, result_marker_ids
+def test_logprob_features_packed_match_a_per_token_reference(tok):
+    from arkfast.prm.model import LOGPROB_FEATURES, result_marker_ids
 
     records = _records(tok, 7, seed=11)
     markers = result_marker_ids(tok)
     assert tok.encode(" = ", add_special_tokens=False)[0] in markers
-    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="policy", result_marker_ids=markers)).double()
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="logprobs", result_marker_ids=markers)).double()
     examples = [encode_trajectory(tok, r) for r in records]
     rows = pack_step_rows(examples, 300)
     assert len(rows) < len(examples)  # several sequences share a row
@@ -416,16 +416,16 @@ def test_policy_features_packed_match_a_per_token_reference(tok):
         for row in rows:
             ids, positions, ctx, step_index, _ = row.to_device("cpu")
             raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
-            assert h is None and raw.shape == (row.total_steps, len(POLICY_FEATURES))
+            assert h is None and raw.shape == (row.total_steps, len(LOGPROB_FEATURES))
             for m, part in zip(row.members, torch.split(raw, list(row.num_steps))):
                 got[m] = part
     for i, r in enumerate(records):
-        want = torch.tensor(_reference_policy_features(prm.backbone, tok, r), dtype=torch.float64)
+        want = torch.tensor(_reference_logprob_features(prm.backbone, tok, r), dtype=torch.float64)
         assert torch.allclose(got[i], want, rtol=1e-9, atol=1e-9), (i, got[i] - want)
     # the equations' results are split from their operands; the answer step (no '=') is all result
     last = got[0][-1]
-    assert last[POLICY_FEATURES.index("operand_logprob")] == 0
-    assert got[0][0][POLICY_FEATURES.index("operand_logprob")] < 0
+    assert last[LOGPROB_FEATURES.index("operand_logprob")] == 0
+    assert got[0][0][LOGPROB_FEATURES.index("operand_logprob")] < 0
     with pytest.raises(ValueError, match="response_start"):
         score_examples(prm, [dataclasses.replace(examples[0], response_start=None)])
 
@@ -440,13 +440,13 @@ def test_step_targets_soft_and_hard():
         step_targets([0.5], "half")
 
 
-def test_fit_head_on_policy_features_fits_saves_and_ignores_the_seed(tmp_path, tok):
+def test_fit_head_on_logprob_features_fits_saves_and_ignores_the_seed(tmp_path, tok):
     from arkfast.prm.model import result_marker_ids
     from arkfast.prm.training import HeadFitConfig, fit_head
 
     examples = _exact_examples(tok, _records(tok, 16, seed=4))
     rows = pack_step_rows(examples, 384)
-    config = PRMConfig(features="policy", result_marker_ids=result_marker_ids(tok), tokenizer=tokenizer_fingerprint(tok))
+    config = PRMConfig(features="logprobs", result_marker_ids=result_marker_ids(tok), tokenizer=tokenizer_fingerprint(tok))
     truth = [bool(v) for ex in examples for v in ex.labels]
     scores = []
     for seed in (0, 7):  # the head's random init is replaced by the fit, which starts from zero weights
@@ -463,12 +463,12 @@ def test_fit_head_on_policy_features_fits_saves_and_ignores_the_seed(tmp_path, t
         assert score_examples(again, examples) == scores[-1]
     assert scores[0] == scores[1]
     assert step_auroc([s for ss in scores[0] for s in ss], truth) > 0.75
-    with pytest.raises(ValueError, match="policy features"):
+    with pytest.raises(ValueError, match="log-probability features"):
         fit_head(ProcessRewardModel(load_prm_backbone()), rows, HeadFitConfig(), log=None)
 
 
-def test_rollout_scoring_gives_a_policy_prm_each_steps_tokens(tok):
-    # GRPO scores its engine rollouts through StepExamples of its own; a policy-feature PRM needs their
+def test_rollout_scoring_gives_a_logprob_prm_each_steps_tokens(tok):
+    # GRPO scores its engine rollouts through StepExamples of its own; a log-probability PRM needs their
     # response_start, and then scores a rollout as it scores the same text as a trajectory record.
     from types import SimpleNamespace
 
@@ -476,7 +476,7 @@ def test_rollout_scoring_gives_a_policy_prm_each_steps_tokens(tok):
     from arkfast.prm.model import result_marker_ids
     from arkfast.trajectories import chat_prompt_ids, encode_response
 
-    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="policy", result_marker_ids=result_marker_ids(tok)))
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="logprobs", result_marker_ids=result_marker_ids(tok)))
     torch.nn.init.normal_(prm.head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
     records = _records(tok, 3, seed=12)
     rollouts = []
@@ -491,17 +491,17 @@ def test_rollout_scoring_gives_a_policy_prm_each_steps_tokens(tok):
     assert max(max(w) for w in want) - min(min(w) for w in want) > 0.05  # scores that tell steps apart
 
 
-def test_hidden_plus_policy_head_reads_both(tok):
-    from arkfast.prm.model import POLICY_FEATURES
+def test_hidden_plus_logprobs_head_reads_both(tok):
+    from arkfast.prm.model import LOGPROB_FEATURES
 
-    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="hidden+policy", result_marker_ids=[101]))
-    assert prm.head.in_features == prm.backbone.config.hidden_size + len(POLICY_FEATURES)
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="hidden+logprobs", result_marker_ids=[101]))
+    assert prm.head.in_features == prm.backbone.config.hidden_size + len(LOGPROB_FEATURES)
     row = pack_step_rows([encode_trajectory(tok, r) for r in _records(tok, 2)], 300)[0]
     ids, positions, ctx, step_index, _ = row.to_device("cpu")
     with torch.no_grad():
         x = prm.step_hidden(ids, positions, ctx, step_index, row.step_tokens("cpu"))
         raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
-    assert torch.equal(x[:, len(POLICY_FEATURES):], h) and torch.equal(x[:, :len(POLICY_FEATURES)], raw)
+    assert torch.equal(x[:, len(LOGPROB_FEATURES):], h) and torch.equal(x[:, :len(LOGPROB_FEATURES)], raw)
     with pytest.raises(ValueError, match="features must be one of"):
         PRMConfig(features="logits")
 
@@ -575,17 +575,17 @@ def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
         _cli(*args, "--resume")
 
 
-def test_train_cli_default_fits_a_policy_feature_head(tmp_path, tok):
+def test_train_cli_default_fits_a_logprob_head(tmp_path, tok):
     traj = tmp_path / "pad.jsonl"
     records = _records(tok, 8, seed=9)
     write_trajectories(traj, records)
     labels = tmp_path / "labels.jsonl"
     _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
-    summary = _cli("train", "--labels", labels, "--output", tmp_path / "m", "--val-fraction", 0.25)
-    assert summary["features"] == "policy" and summary["targets"] == "hard"
+    summary = _cli("train", "--labels", labels, "--output", tmp_path / "m", "--val-fraction", 0.25, "--base-model", TINY)
+    assert summary["features"] == "logprobs" and summary["targets"] == "hard"
     assert summary["last_bce"] < summary["first_bce"] and summary["held_out_bce_after"] is not None
     saved = json.loads((tmp_path / "m" / "prm_config.json").read_text())
-    assert saved["features"] == "policy" and saved["targets"] == "hard" and 101 in saved["result_marker_ids"]
+    assert saved["features"] == "logprobs" and saved["targets"] == "hard" and 101 in saved["result_marker_ids"]
     assert not (tmp_path / "m" / "trainer_state.json").exists()
     scored = tmp_path / "scored.jsonl"
     _cli("score", "--input", traj, "--prm", tmp_path / "m", "--output", scored)
@@ -595,7 +595,38 @@ def test_train_cli_default_fits_a_policy_feature_head(tmp_path, tok):
     with pytest.raises(ValueError, match="without --resume"):
         _cli("train", "--labels", labels, "--output", tmp_path / "m", "--resume")
     with pytest.raises(ValueError, match="--projection-dim"):
-        _cli("train", "--labels", labels, "--output", tmp_path / "m2", "--projection-dim", 8)
+        _cli("train", "--labels", labels, "--output", tmp_path / "m2", "--projection-dim", 8, "--base-model", TINY)
+
+
+def test_train_cli_default_backbone_is_the_rsft_student_distilled_first(tmp_path, tok, monkeypatch):
+    # With no --base-model a log-probability PRM reads the R-SFT student of the default run folder,
+    # and distils it first when it is missing (here a stand-in for python -m arkfast.distill --mode rsft
+    # that copies the tiny model into place); --features hidden keeps the embedded tiny model.
+    import shutil
+
+    import arkfast.distill.cli
+
+    monkeypatch.chdir(tmp_path)
+    traj = tmp_path / "pad.jsonl"
+    write_trajectories(traj, _records(tok, 6, seed=9))
+    labels = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
+    student = tmp_path / "runs" / "arith-train" / "distill" / "rsft" / "model"
+    calls = []
+
+    def fake_distill(argv):
+        calls.append(argv)
+        shutil.copytree(TINY, student)
+        return {}
+
+    monkeypatch.setattr(arkfast.distill.cli, "main", fake_distill)
+    _cli("train", "--labels", labels, "--output", tmp_path / "m")
+    assert calls == [["--mode", "rsft"]]
+    assert json.loads((tmp_path / "m" / "prm_config.json").read_text())["base_model"] == str(student)
+    _cli("train", "--labels", labels, "--output", tmp_path / "m2")  # the student is there now: used as it is
+    assert len(calls) == 1
+    _cli("train", "--labels", labels, "--output", tmp_path / "m3", "--features", "hidden", "--steps", 1)
+    assert json.loads((tmp_path / "m3" / "prm_config.json").read_text())["base_model"] == str(TINY)
 
 
 def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
@@ -611,7 +642,7 @@ def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
     unlabelled = tmp_path / "unlabelled.jsonl"
     write_trajectories(unlabelled, records)
     with pytest.raises(TrajectoryFileError, match=r"unlabelled.jsonl:1: field 'step_labels': missing"):
-        _cli("train", "--labels", unlabelled, "--output", tmp_path / "m")
+        _cli("train", "--labels", unlabelled, "--output", tmp_path / "m", "--base-model", TINY)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     proc = subprocess.run([sys.executable, "-m", "arkfast.prm", "label", "--trajectories", str(empty),

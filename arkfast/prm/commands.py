@@ -13,7 +13,22 @@ from typing import Any
 from arkfast.generate import default_model_path, write_json_atomic
 from arkfast.workflow import stage_dir
 
-__all__ = ["default_paths", "run_eval", "run_label", "run_score", "run_train"]
+__all__ = ["default_paths", "default_student", "run_eval", "run_label", "run_score", "run_train"]
+
+
+def default_student() -> Path:
+    """The default backbone of a log-probability PRM: the R-SFT student ``runs/arith-train/distill/rsft/model``,
+    distilled first when it is missing (``python -m arkfast.distill --mode rsft``, which makes its
+    trajectories first when those are missing)."""
+    model = stage_dir("distill") / "rsft" / "model"
+    if not (model / "config.json").is_file():
+        from arkfast.distill.cli import main as distill_main
+
+        print(f"no R-SFT student at {model}: distilling it first (python -m arkfast.distill --mode rsft)")
+        distill_main(["--mode", "rsft"])
+        if not (model / "config.json").is_file():
+            raise ValueError(f"{model}: python -m arkfast.distill --mode rsft did not write it")
+    return model
 
 
 def default_paths() -> dict[str, Path]:
@@ -264,7 +279,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     # Under torchrun: DDP over the ranks (gloo on CPU, nccl on CUDA, each rank on its local GPU); rank 0
     # alone labels what is missing, draws the bar, evaluates and writes.
-    head_only = args.features != "hidden"  # policy features: a frozen backbone, the head fitted alone
+    head_only = args.features != "hidden"  # log-probability features: a frozen backbone, the head fitted alone
     if head_only and (args.resume or os.environ.get("WORLD_SIZE", "1") != "1"):
         raise ValueError(f"--features {args.features} fits the head alone in one process, in seconds: run it without "
                          f"--resume and without torchrun (both are for --features hidden)")
@@ -278,7 +293,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
         print(f"no labels at {labels_path}: labelling first (python -m arkfast.prm label)")
         prm_main(["label"])
-    base = Path(args.base_model or default_model_path())
+    base = Path(args.base_model) if args.base_model else (default_student() if head_only else default_model_path())
     out = Path(args.output or paths["model"])
     previous = read_trainer_state(out)
     if previous is not None and not previous.get("finished", True) and not args.resume:

@@ -32,8 +32,8 @@ class StepExample:
     """One trajectory as the PRM sees it: ``input_ids`` (prompt + response), ``step_ends`` (the
     position of each step's last token, increasing), optionally ``labels`` (one target in [0, 1]
     per step) and ``response_start`` (the position of the response's first token, the first token of
-    step 0; step ``k > 0`` starts after ``step_ends[k - 1]``). A PRM with policy features
-    (:mod:`arkfast.prm.model`) needs ``response_start``: it reads the policy's log-probability of
+    step 0; step ``k > 0`` starts after ``step_ends[k - 1]``). A PRM with log-probability
+    features (:mod:`arkfast.prm.model`) needs ``response_start``: it reads the backbone's log-probability of
     every step token."""
 
     input_ids: tuple[int, ...]
@@ -102,7 +102,7 @@ class StepRow:
 
     def step_tokens(self, device: torch.device | str):
         """``(token_index, token_step, num_steps)`` on ``device`` (see the class docstring), the input of
-        a PRM's policy features; ``None`` when the row has no token index."""
+        a PRM's log-probability features; ``None`` when the row has no token index."""
         if self.token_index is None:
             return None
         return self.token_index.to(device), self.token_step.to(device), self.num_steps

@@ -6,12 +6,13 @@ the whole step and everything before it). ``PRMConfig.features`` says what that 
 
 ``hidden``
     the backbone's final-normed hidden state there (the backbone is fine-tuned with the head);
-``policy``
-    the :data:`POLICY_FEATURES` of the step: statistics of the backbone's own next-token
-    log-probabilities of the step's tokens and of the response so far (the backbone is the policy
-    and stays frozen, so these are the policy's), each standardised with the training set's mean and
-    standard deviation (``feature_mean``, ``feature_std``, saved with the head);
-``hidden+policy``
+``logprobs``
+    the :data:`LOGPROB_FEATURES` of the step: statistics of the frozen backbone's next-token
+    log-probabilities of the step's tokens and of the response so far, each standardised with the
+    training set's mean and standard deviation (``feature_mean``, ``feature_std``, saved with the
+    head). The backbone may be the policy that wrote the trajectories (its own log-probabilities) or
+    another model reading them (``prm train`` uses the R-SFT student by default);
+``hidden+logprobs``
     both, concatenated (the backbone frozen).
 
 The ``result`` features split a step at its last result-marker token (``PRMConfig.result_marker_ids``,
@@ -47,15 +48,15 @@ from torch import nn
 
 from arkfast.models import DecoderModel, VarlenContext, load_model
 
-__all__ = ["FEATURE_SETS", "HEAD_FILE", "POLICY_FEATURES", "PRM_CONFIG_FILE", "PRMConfig", "ProcessRewardModel",
+__all__ = ["FEATURE_SETS", "HEAD_FILE", "LOGPROB_FEATURES", "PRM_CONFIG_FILE", "PRMConfig", "ProcessRewardModel",
            "load_prm", "result_marker_ids", "save_prm"]
 
 HEAD_FILE = "prm_head.safetensors"
 PRM_CONFIG_FILE = "prm_config.json"
-FEATURE_SETS = ("hidden", "policy", "hidden+policy")
+FEATURE_SETS = ("hidden", "logprobs", "hidden+logprobs")
 # Per step k of a response, from the log-probabilities lp_t the backbone gives each of its tokens
 # (``prefix`` ones are summed over steps 0..k of the trajectory):
-POLICY_FEATURES = (
+LOGPROB_FEATURES = (
     "step_logprob",           # sum of lp_t over the step's tokens
     "step_min_logprob",       # min of lp_t over the step
     "prefix_logprob",         # sum of lp_t over the response up to the step's end
@@ -84,7 +85,7 @@ class PRMConfig:
     fingerprint its inputs were encoded with, the ``base_model`` the backbone started from, the
     ``label_source`` it was trained on (``monte-carlo``, ``monte-carlo-hard``, ``outcome``, ...), the
     ``step_mode`` of its training trajectories, the head's input ``features`` (one of
-    :data:`FEATURE_SETS`, module docstring), the ``result_marker_ids`` of the policy features and the
+    :data:`FEATURE_SETS`, module docstring), the ``result_marker_ids`` of the log-probability features and the
     training ``targets`` (``soft`` or ``hard``, :mod:`arkfast.prm.training`)."""
 
     projection_dim: int = 0
@@ -105,11 +106,11 @@ class PRMConfig:
 
     @property
     def uses_hidden(self) -> bool:
-        return self.features in ("hidden", "hidden+policy")
+        return self.features in ("hidden", "hidden+logprobs")
 
     @property
-    def uses_policy(self) -> bool:
-        return self.features in ("policy", "hidden+policy")
+    def uses_logprobs(self) -> bool:
+        return self.features in ("logprobs", "hidden+logprobs")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> PRMConfig:
@@ -131,7 +132,7 @@ class ProcessRewardModel(nn.Module):
         self.config = config or PRMConfig()
         hidden = backbone.config.hidden_size
         device = backbone.embed_tokens.device
-        n_feat = len(POLICY_FEATURES) if self.config.uses_policy else 0
+        n_feat = len(LOGPROB_FEATURES) if self.config.uses_logprobs else 0
         if n_feat:  # the training set's statistics (set by training); not trained
             self.feature_mean = nn.Parameter(torch.zeros(n_feat, device=device), requires_grad=False)
             self.feature_std = nn.Parameter(torch.ones(n_feat, device=device), requires_grad=False)
@@ -150,12 +151,12 @@ class ProcessRewardModel(nn.Module):
         """``input_ids``/``positions [T]`` int64 (packed sequences, ``ctx`` their varlen layout) and
         ``step_index [S]`` int64 (the positions of the steps' last tokens) → the head's input
         ``h [S, D]`` in the heads' dtype (float32, or float64 after ``.double()``): the hidden states,
-        the standardised policy features, or both (``config.features``). The policy features need
+        the standardised log-probability features, or both (``config.features``). Those need
         ``tokens``, :meth:`arkfast.prm.data.StepRow.step_tokens`."""
         hidden = self.backbone(input_ids, positions, ctx)  # [T, H]
         parts = []
-        if self.config.uses_policy:
-            raw = self.policy_features(hidden, input_ids, step_index, tokens)
+        if self.config.uses_logprobs:
+            raw = self.logprob_features(hidden, input_ids, step_index, tokens)
             parts.append((raw - self.feature_mean) / self.feature_std)
         if self.config.uses_hidden:
             parts.append(hidden.index_select(0, step_index).to(self.head.weight.dtype))  # [S, H]
@@ -163,20 +164,20 @@ class ProcessRewardModel(nn.Module):
 
     def raw_step_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: VarlenContext,
                         step_index: torch.Tensor, tokens=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(raw policy features [S, F] or None, hidden states [S, H] or None)``: the head's input
+        """``(raw log-probability features [S, F] or None, hidden states [S, H] or None)``: the head's input
         before the features are standardised (what training computes its statistics from)."""
         hidden = self.backbone(input_ids, positions, ctx)  # [T, H]
-        raw = self.policy_features(hidden, input_ids, step_index, tokens) if self.config.uses_policy else None
+        raw = self.logprob_features(hidden, input_ids, step_index, tokens) if self.config.uses_logprobs else None
         h = hidden.index_select(0, step_index).to(self.head.weight.dtype) if self.config.uses_hidden else None
         return raw, h
 
-    def policy_features(self, hidden: torch.Tensor, input_ids: torch.Tensor, step_index: torch.Tensor,
+    def logprob_features(self, hidden: torch.Tensor, input_ids: torch.Tensor, step_index: torch.Tensor,
                         tokens) -> torch.Tensor:
-        """The :data:`POLICY_FEATURES` ``[S, F]`` (unstandardised, heads' dtype) of the steps whose tokens
+        """The :data:`LOGPROB_FEATURES` ``[S, F]`` (unstandardised, heads' dtype) of the steps whose tokens
         ``tokens = (token_index [N], token_step [N], num_steps)`` lists (``num_steps``: steps per
         sequence, in order), from the backbone's ``hidden [T, H]`` over ``input_ids [T]``."""
         if tokens is None:
-            raise ValueError("this PRM reads policy features: its inputs need each step's tokens (a StepExample "
+            raise ValueError("this PRM reads log-probability features: its inputs need each step's tokens (a StepExample "
                              "with response_start, as encode_trajectory makes)")
         tok_index, tok_step, num_steps = tokens
         n_steps = step_index.shape[0]

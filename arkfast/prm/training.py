@@ -331,7 +331,7 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
 
 @dataclasses.dataclass
 class HeadFitConfig:
-    """Fitting the head alone on a frozen backbone (a PRM whose features include ``policy``):
+    """Fitting the head alone on a frozen backbone (a PRM whose features include ``logprobs``):
     ``l2`` (the penalty ``l2 * |w|^2`` on the head's weights, not its bias), ``max_iter`` (L-BFGS
     iterations), where to save, threads and device."""
 
@@ -351,7 +351,7 @@ class HeadFitConfig:
 @torch.no_grad()
 def _step_inputs(prm: ProcessRewardModel, rows: Sequence[StepRow], device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(raw head inputs [S, D] float64, targets [S] float64)`` of all the rows' steps: the
-    unstandardised policy features, then the hidden states (as ``config.features`` says)."""
+    unstandardised log-probability features, then the hidden states (as ``config.features`` says)."""
     xs, ys = [], []
     for row in rows:
         input_ids, positions, ctx, step_index, labels = row.to_device(device)
@@ -366,15 +366,15 @@ def fit_head(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: HeadFitConfi
              log: Callable[[str], None] | None = print) -> PRMTrainResult:
     """Fit ``prm``'s head in place on the frozen backbone and save it to ``cfg.output_dir``.
 
-    One no-grad pass over ``rows`` gives every labelled step's head input; the policy features'
+    One no-grad pass over ``rows`` gives every labelled step's head input; the log-probability features'
     training mean and standard deviation become ``feature_mean`` / ``feature_std``; then full-batch
     L-BFGS (strong Wolfe line search, from zero weights, in float64) minimises the mean BCE of the
     steps plus ``l2 * |w|^2``, a convex problem, so the result does not depend on any seed. ``metrics``
     holds the BCE before (zero weights) and after; ``evals`` the held-out BCE after."""
     log = log or (lambda line: None)
-    if not prm.config.uses_policy:
-        raise ValueError("fit_head fits a head over policy features (config.features 'policy' or "
-                         "'hidden+policy'); train a hidden-state PRM with train_prm")
+    if not prm.config.uses_logprobs:
+        raise ValueError("fit_head fits a head over log-probability features (config.features 'logprobs' or "
+                         "'hidden+logprobs'); train a hidden-state PRM with train_prm")
     if not rows:
         raise ValueError("no training rows")
     if cfg.num_threads is not None:
