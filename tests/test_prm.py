@@ -3,6 +3,7 @@ values, Monte-Carlo labels on the engine, the packed step scores against transfo
 save/reload, the CLI's files and its one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -369,6 +370,143 @@ def test_a_stopped_run_resumed_continues_the_same_loss_curve(tmp_path, tok):
 
 
 # ------------------------------------------------------------------------------------------------
+# log-probability features and the head fit
+# ------------------------------------------------------------------------------------------------
+def _reference_logprob_features(backbone, tok, record):
+    """The LOGPROB_FEATURES of one trajectory, one token at a time in float64 from the backbone's
+    next-token distributions over the sequence alone (the definitions in arkfast.prm.model)."""
+    from arkfast.models import VarlenContext
+    from arkfast.trajectories import chat_prompt_ids, encode_response
+
+    prompt = chat_prompt_ids(tok, record["prompt"])
+    response, ranges = encode_response(tok, record["response"], record["steps"])
+    ids = torch.tensor(prompt + response)
+    ctx, positions = VarlenContext.from_lengths([len(ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(backbone.compute_logits(backbone(ids, positions, ctx)).double(), -1)
+    marker = [i for i in range(len(tok)) if "=" in tok.decode([i])]
+    out, cum, cum_res, cum_op, ntok, low = [], 0.0, 0.0, 0.0, 0, math.inf
+    for k, (t0, t1) in enumerate(ranges):
+        lps, ents, last = [], [], -1
+        for j, t in enumerate(range(len(prompt) + t0, len(prompt) + t1)):
+            dist = logp[t - 1]
+            lps.append(float(dist[ids[t]]))
+            ents.append(float(-(dist.exp() * dist).sum()))
+            if int(ids[t]) in marker:
+                last = j
+        step, res = sum(lps), sum(lps[last + 1:])
+        cum, cum_res, cum_op, ntok, low = cum + step, cum_res + res, cum_op + step - res, ntok + t1 - t0, min(low, step)
+        out.append([step, min(lps), cum, low, k, step / len(lps), sum(ents), ntok, res, step - res, cum_res, cum_op,
+                    sum(a + b for a, b in zip(lps, ents))])
+    return out
+
+
+def test_logprob_features_packed_match_a_per_token_reference(tok):
+    from arkfast.prm.model import LOGPROB_FEATURES, result_marker_ids
+
+    records = _records(tok, 7, seed=11)
+    markers = result_marker_ids(tok)
+    assert tok.encode(" = ", add_special_tokens=False)[0] in markers
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="logprobs", result_marker_ids=markers)).double()
+    examples = [encode_trajectory(tok, r) for r in records]
+    rows = pack_step_rows(examples, 300)
+    assert len(rows) < len(examples)  # several sequences share a row
+    got = {}
+    with torch.no_grad():
+        for row in rows:
+            ids, positions, ctx, step_index, _ = row.to_device("cpu")
+            raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+            assert h is None and raw.shape == (row.total_steps, len(LOGPROB_FEATURES))
+            for m, part in zip(row.members, torch.split(raw, list(row.num_steps))):
+                got[m] = part
+    for i, r in enumerate(records):
+        want = torch.tensor(_reference_logprob_features(prm.backbone, tok, r), dtype=torch.float64)
+        assert torch.allclose(got[i], want, rtol=1e-9, atol=1e-9), (i, got[i] - want)
+    # the equations' results are split from their operands; the answer step (no '=') is all result
+    last = got[0][-1]
+    assert last[LOGPROB_FEATURES.index("operand_logprob")] == 0
+    assert got[0][0][LOGPROB_FEATURES.index("operand_logprob")] < 0
+    with pytest.raises(ValueError, match="response_start"):
+        score_examples(prm, [dataclasses.replace(examples[0], response_start=None)])
+
+
+def test_step_targets_soft_and_hard():
+    from arkfast.prm.training import step_targets
+
+    assert step_targets([0.0, 0.125, 1.0], "soft") == [0.0, 0.125, 1.0]
+    assert step_targets([0.0, 0.125, 1.0], "hard") == [0.0, 1.0, 1.0]
+    assert step_targets([1.0, 0.0], "hard") == [1.0, 0.0]  # outcome labels stay
+    with pytest.raises(ValueError, match="targets must be one of soft, hard"):
+        step_targets([0.5], "half")
+
+
+def test_fit_head_on_logprob_features_fits_saves_and_ignores_the_seed(tmp_path, tok):
+    from arkfast.prm.model import result_marker_ids
+    from arkfast.prm.training import HeadFitConfig, fit_head
+
+    examples = _exact_examples(tok, _records(tok, 16, seed=4))
+    rows = pack_step_rows(examples, 384)
+    config = PRMConfig(features="logprobs", result_marker_ids=result_marker_ids(tok), tokenizer=tokenizer_fingerprint(tok))
+    truth = [bool(v) for ex in examples for v in ex.labels]
+    scores = []
+    for seed in (0, 7):  # the head's random init is replaced by the fit, which starts from zero weights
+        prm = ProcessRewardModel(load_prm_backbone(), config, seed=seed)
+        backbone = {k: v.clone() for k, v in prm.backbone.state_dict().items()}
+        result = fit_head(prm, rows, HeadFitConfig(l2=1e-3, output_dir=str(tmp_path / f"m{seed}")), log=None)
+        assert result.metrics[0]["bce"] == pytest.approx(math.log(2))  # zero weights: every step at 1/2
+        assert result.metrics[-1]["bce"] < 0.9 * result.metrics[0]["bce"]
+        assert all(torch.equal(v, backbone[k]) for k, v in prm.backbone.state_dict().items())  # frozen
+        assert float(prm.feature_std.min()) > 0 and float(prm.feature_mean.abs().sum()) > 0
+        scores.append(score_examples(prm, examples))
+        again = load_prm(tmp_path / f"m{seed}")
+        assert again.config == config
+        assert score_examples(again, examples) == scores[-1]
+    assert scores[0] == scores[1]
+    assert step_auroc([s for ss in scores[0] for s in ss], truth) > 0.75
+    with pytest.raises(ValueError, match="log-probability features"):
+        fit_head(ProcessRewardModel(load_prm_backbone()), rows, HeadFitConfig(), log=None)
+
+
+def test_rollout_scoring_gives_a_logprob_prm_each_steps_tokens(tok):
+    # GRPO scores its engine rollouts through StepExamples of its own; a log-probability PRM needs their
+    # response_start, and then scores a rollout as it scores the same text as a trajectory record.
+    from types import SimpleNamespace
+
+    from arkfast.distill.rollout import score_groups
+    from arkfast.prm.model import result_marker_ids
+    from arkfast.trajectories import chat_prompt_ids, encode_response
+
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="logprobs", result_marker_ids=result_marker_ids(tok)))
+    torch.nn.init.normal_(prm.head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+    records = _records(tok, 3, seed=12)
+    rollouts = []
+    for r in records:
+        ids, ranges = encode_response(tok, r["response"], r["steps"])
+        rollouts.append(SimpleNamespace(prompt=SimpleNamespace(prompt_ids=tuple(chat_prompt_ids(tok, r["prompt"]))),
+                                        token_ids=ids, steps=ranges, step_scores=None))
+    score_groups(prm, [rollouts])
+    want = score_examples(prm, [encode_trajectory(tok, r) for r in records])
+    for r, w in zip(rollouts, want):
+        assert r.step_scores == pytest.approx(w, abs=1e-6)
+    assert max(max(w) for w in want) - min(min(w) for w in want) > 0.05  # scores that tell steps apart
+
+
+def test_hidden_plus_logprobs_head_reads_both(tok):
+    from arkfast.prm.model import LOGPROB_FEATURES
+
+    prm = ProcessRewardModel(load_prm_backbone(), PRMConfig(features="hidden+logprobs", result_marker_ids=[101]))
+    assert prm.head.in_features == prm.backbone.config.hidden_size + len(LOGPROB_FEATURES)
+    row = pack_step_rows([encode_trajectory(tok, r) for r in _records(tok, 2)], 300)[0]
+    ids, positions, ctx, step_index, _ = row.to_device("cpu")
+    with torch.no_grad():
+        x = prm.step_hidden(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+        raw, h = prm.raw_step_inputs(ids, positions, ctx, step_index, row.step_tokens("cpu"))
+    assert torch.equal(x[:, len(LOGPROB_FEATURES):], h) and torch.equal(x[:, :len(LOGPROB_FEATURES)], raw)
+    with pytest.raises(ValueError, match="features must be one of"):
+        PRMConfig(features="logits")
+
+
+# ------------------------------------------------------------------------------------------------
 # the CLI: files, resume, scores, one-line errors
 # ------------------------------------------------------------------------------------------------
 def _cli(*argv):
@@ -420,8 +558,8 @@ def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
     write_trajectories(traj, _records(tok, 6, seed=9))
     labels = tmp_path / "labels.jsonl"
     _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
-    args = ("train", "--labels", labels, "--output", tmp_path / "m", "--steps", 4, "--save-every", 2,
-            "--eval-every", 0, "--row-tokens", 256, "--val-fraction", 0.2)
+    args = ("train", "--labels", labels, "--output", tmp_path / "m", "--features", "hidden", "--steps", 4,
+            "--save-every", 2, "--eval-every", 0, "--row-tokens", 256, "--val-fraction", 0.2)
     _cli(*args)
     state = json.loads((tmp_path / "m" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["finished"] and state["data"]["labels_sha256"].startswith("sha256:")
@@ -437,6 +575,60 @@ def test_train_cli_saves_its_state_and_resumes(tmp_path, tok):
         _cli(*args, "--resume")
 
 
+def test_train_cli_default_fits_a_logprob_head(tmp_path, tok):
+    traj = tmp_path / "pad.jsonl"
+    records = _records(tok, 8, seed=9)
+    write_trajectories(traj, records)
+    labels = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
+    summary = _cli("train", "--labels", labels, "--output", tmp_path / "m", "--val-fraction", 0.25, "--base-model", TINY)
+    assert summary["features"] == "logprobs" and summary["targets"] == "hard"
+    assert summary["last_bce"] < summary["first_bce"] and summary["held_out_bce_after"] is not None
+    saved = json.loads((tmp_path / "m" / "prm_config.json").read_text())
+    assert saved["features"] == "logprobs" and saved["targets"] == "hard" and 101 in saved["result_marker_ids"]
+    assert not (tmp_path / "m" / "trainer_state.json").exists()
+    scored = tmp_path / "scored.jsonl"
+    _cli("score", "--input", traj, "--prm", tmp_path / "m", "--output", scored)
+    want = score_examples(load_prm(tmp_path / "m"), [encode_trajectory(tok, r) for r in records])
+    got = [json.loads(line)["step_scores"] for line in scored.read_text().splitlines()]
+    assert all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="without --resume"):
+        _cli("train", "--labels", labels, "--output", tmp_path / "m", "--resume")
+    with pytest.raises(ValueError, match="--projection-dim"):
+        _cli("train", "--labels", labels, "--output", tmp_path / "m2", "--projection-dim", 8, "--base-model", TINY)
+
+
+def test_train_cli_default_backbone_is_the_rsft_student_distilled_first(tmp_path, tok, monkeypatch):
+    # With no --base-model a log-probability PRM reads the R-SFT student of the default run folder,
+    # and distils it first when it is missing (here a stand-in for python -m arkfast.distill --mode rsft
+    # that copies the tiny model into place); --features hidden keeps the embedded tiny model.
+    import shutil
+
+    import arkfast.distill.cli
+
+    monkeypatch.chdir(tmp_path)
+    traj = tmp_path / "pad.jsonl"
+    write_trajectories(traj, _records(tok, 6, seed=9))
+    labels = tmp_path / "labels.jsonl"
+    _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
+    student = tmp_path / "runs" / "arith-train" / "distill" / "rsft" / "model"
+    calls = []
+
+    def fake_distill(argv):
+        calls.append(argv)
+        shutil.copytree(TINY, student)
+        return {}
+
+    monkeypatch.setattr(arkfast.distill.cli, "main", fake_distill)
+    _cli("train", "--labels", labels, "--output", tmp_path / "m")
+    assert calls == [["--mode", "rsft"]]
+    assert json.loads((tmp_path / "m" / "prm_config.json").read_text())["base_model"] == str(student)
+    _cli("train", "--labels", labels, "--output", tmp_path / "m2")  # the student is there now: used as it is
+    assert len(calls) == 1
+    _cli("train", "--labels", labels, "--output", tmp_path / "m3", "--features", "hidden", "--steps", 1)
+    assert json.loads((tmp_path / "m3" / "prm_config.json").read_text())["base_model"] == str(TINY)
+
+
 def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
     records = _records(tok, 2)
     other = tmp_path / "other.jsonl"
@@ -450,7 +642,7 @@ def test_bad_inputs_get_errors_naming_file_line_and_field(tmp_path, tok):
     unlabelled = tmp_path / "unlabelled.jsonl"
     write_trajectories(unlabelled, records)
     with pytest.raises(TrajectoryFileError, match=r"unlabelled.jsonl:1: field 'step_labels': missing"):
-        _cli("train", "--labels", unlabelled, "--output", tmp_path / "m")
+        _cli("train", "--labels", unlabelled, "--output", tmp_path / "m", "--base-model", TINY)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     proc = subprocess.run([sys.executable, "-m", "arkfast.prm", "label", "--trajectories", str(empty),

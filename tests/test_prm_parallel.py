@@ -88,8 +88,8 @@ def test_train_cli_under_torchrun_matches_one_process(tmp_path):
     write_trajectories(traj, _records(tok, 6, seed=9))
     labels = tmp_path / "labels.jsonl"
     _cli("label", "--trajectories", traj, "--output", labels, "--method", "outcome")
-    args = ["train", "--labels", str(labels), "--steps", "4", "--batch-rows", "2", "--log-every", "1",
-            "--eval-every", "0", "--row-tokens", "256", "--val-fraction", "0.2", "--threads", "1"]
+    args = ["train", "--labels", str(labels), "--features", "hidden", "--steps", "4", "--batch-rows", "2",
+            "--log-every", "1", "--eval-every", "0", "--row-tokens", "256", "--val-fraction", "0.2", "--threads", "1"]
     one = _cli(*args, "--output", tmp_path / "one")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}

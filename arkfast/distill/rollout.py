@@ -159,6 +159,7 @@ def score_groups(prm, groups: Sequence[Sequence[Rollout]], *, row_tokens: int = 
     if not todo:
         return
     examples = [StepExample(r.prompt.prompt_ids + tuple(r.token_ids),
-                            tuple(len(r.prompt.prompt_ids) + t1 - 1 for _, t1 in r.steps)) for r in todo]
+                            tuple(len(r.prompt.prompt_ids) + t1 - 1 for _, t1 in r.steps),
+                            response_start=len(r.prompt.prompt_ids)) for r in todo]
     for r, scores in zip(todo, score_examples(prm, examples, row_tokens=row_tokens)):
         r.step_scores = scores

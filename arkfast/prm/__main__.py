@@ -43,6 +43,8 @@ def _engine_flags(p: argparse.ArgumentParser, *, prefix_caching: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .labels import LABEL_METHODS
+    from .model import FEATURE_SETS
+    from .training import TARGETS
 
     p = argparse.ArgumentParser(prog="python -m arkfast.prm",
                                 description="Process reward model: label steps, train, score trajectories, "
@@ -87,15 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(s, prefix_caching=True)
 
     t = sub.add_parser("train", help="train the PRM on a label file -> a PRM folder",
-                       description="Train a backbone + scalar head with binary cross-entropy on the step "
-                                   "labels at step-end tokens (optionally + a supervised contrastive term), "
-                                   "over packed rows, AdamW with a cosine schedule, seeded; saved atomically.")
+                       description="Train a scalar head read at step-end tokens with binary cross-entropy on "
+                                   "the step labels. By default (--features logprobs) the backbone is frozen "
+                                   "and the head reads features of the backbone's log-probabilities of the "
+                                   "trajectory's tokens, fitted by full-batch L-BFGS in seconds; the backbone "
+                                   "is then by default the R-SFT student (python -m arkfast.distill --mode "
+                                   "rsft, run first when missing). With --features hidden the head "
+                                   "reads the hidden state and the backbone is fine-tuned with it (optionally "
+                                   "+ a supervised contrastive term) over packed rows, AdamW with a cosine "
+                                   "schedule, seeded, resumable. Saved atomically.")
     t.add_argument("--labels", metavar="FILE", default=None,
                    help="label file (default: runs/arith-train/prm/labels.jsonl, made first when missing)")
     t.add_argument("--output", metavar="DIR", default=None, help="PRM folder (default: runs/arith-train/prm/model)")
     t.add_argument("--base-model", metavar="DIR", default=None,
-                   help="backbone to start from (default: the embedded tiny model)")
-    t.add_argument("--steps", type=_POSITIVE, metavar="N", default=200, help="optimizer steps (default: %(default)s)")
+                   help="backbone (default: with --features hidden the embedded tiny model; otherwise the "
+                        "R-SFT student runs/arith-train/distill/rsft/model, distilled first when missing)")
+    t.add_argument("--features", choices=FEATURE_SETS, default="logprobs",
+                   help="the head's input: logprobs (13 statistics of the frozen backbone's log-probabilities of "
+                        "the step's tokens and of the response so far), hidden (the hidden state, backbone "
+                        "fine-tuned) or hidden+logprobs (both, backbone frozen) (default: %(default)s)")
+    t.add_argument("--targets", choices=TARGETS, default="hard",
+                   help="soft: train on the Monte-Carlo fractions; hard: 1 when any rollout from the step reached "
+                        "the gold answer, else 0 (outcome labels are the same either way) (default: %(default)s)")
+    t.add_argument("--head-l2", type=_NON_NEGATIVE_FLOAT, metavar="C", default=1e-3,
+                   help="with logprobs features: the L2 penalty C * |w|^2 on the head's weights (default: %(default)s)")
+    t.add_argument("--head-iterations", type=_POSITIVE, metavar="N", default=300,
+                   help="with logprobs features: L-BFGS iterations of the head fit (default: %(default)s)")
+    t.add_argument("--steps", type=_POSITIVE, metavar="N", default=200,
+                   help="optimizer steps; this and the flags below up to --resume are for --features hidden "
+                        "(default: %(default)s)")
     t.add_argument("--batch-rows", type=_POSITIVE, metavar="N", default=2,
                    help="packed rows per optimizer step (default: %(default)s)")
     t.add_argument("--row-tokens", type=_POSITIVE, metavar="N", default=1024,

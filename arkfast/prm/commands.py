@@ -13,7 +13,22 @@ from typing import Any
 from arkfast.generate import default_model_path, write_json_atomic
 from arkfast.workflow import stage_dir
 
-__all__ = ["default_paths", "run_eval", "run_label", "run_score", "run_train"]
+__all__ = ["default_paths", "default_student", "run_eval", "run_label", "run_score", "run_train"]
+
+
+def default_student() -> Path:
+    """The default backbone of a log-probability PRM: the R-SFT student ``runs/arith-train/distill/rsft/model``,
+    distilled first when it is missing (``python -m arkfast.distill --mode rsft``, which makes its
+    trajectories first when those are missing)."""
+    model = stage_dir("distill") / "rsft" / "model"
+    if not (model / "config.json").is_file():
+        from arkfast.distill.cli import main as distill_main
+
+        print(f"no R-SFT student at {model}: distilling it first (python -m arkfast.distill --mode rsft)")
+        distill_main(["--mode", "rsft"])
+        if not (model / "config.json").is_file():
+            raise ValueError(f"{model}: python -m arkfast.distill --mode rsft did not write it")
+    return model
 
 
 def default_paths() -> dict[str, Path]:
@@ -251,11 +266,23 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     from .data import encode_trajectory, pack_step_rows, score_examples
     from .files import read_labels
     from .metrics import step_auroc
-    from .model import PRMConfig, ProcessRewardModel
-    from .training import PRMTrainConfig, evaluate_rows, read_trainer_state, train_prm
+    from .model import PRMConfig, ProcessRewardModel, result_marker_ids
+    from .training import (
+        HeadFitConfig,
+        PRMTrainConfig,
+        evaluate_rows,
+        fit_head,
+        read_trainer_state,
+        step_targets,
+        train_prm,
+    )
 
     # Under torchrun: DDP over the ranks (gloo on CPU, nccl on CUDA, each rank on its local GPU); rank 0
     # alone labels what is missing, draws the bar, evaluates and writes.
+    head_only = args.features != "hidden"  # log-probability features: a frozen backbone, the head fitted alone
+    if head_only and (args.resume or os.environ.get("WORLD_SIZE", "1") != "1"):
+        raise ValueError(f"--features {args.features} fits the head alone in one process, in seconds: run it without "
+                         f"--resume and without torchrun (both are for --features hidden)")
     ranks, device = init_ranks(args.device or "cpu")
     paths = default_paths()
     labels_path = Path(args.labels or paths["labels"])
@@ -266,7 +293,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
         print(f"no labels at {labels_path}: labelling first (python -m arkfast.prm label)")
         prm_main(["label"])
-    base = Path(args.base_model or default_model_path())
+    base = Path(args.base_model) if args.base_model else (default_student() if head_only else default_model_path())
     out = Path(args.output or paths["model"])
     previous = read_trainer_state(out)
     if previous is not None and not previous.get("finished", True) and not args.resume:
@@ -275,7 +302,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = _load_tokenizer(base)
     records = read_labels(labels_path, tokenizer=tokenizer)
     train_records, held_records = _split_by_problem(records, args.val_fraction, args.seed)
-    encode = [encode_trajectory(tokenizer, r, r["step_labels"]) for r in records]
+    encode = [encode_trajectory(tokenizer, r, step_targets(r["step_labels"], args.targets)) for r in records]
     by_id = {r["id"]: ex for r, ex in zip(records, encode)}
     row_tokens = max(args.row_tokens, max(len(ex) for ex in encode))
     train_rows = pack_step_rows([by_id[r["id"]] for r in train_records], row_tokens)
@@ -289,27 +316,39 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     data = {"labels_sha256": _file_digest(labels_path), "val_fraction": args.val_fraction,
             "row_tokens": row_tokens, "projection_dim": args.projection_dim, "base_model": str(base.resolve())}
     sources = sorted({r["label_source"] for r in records})
+    data["features"], data["targets"] = args.features, args.targets
     config = PRMConfig(projection_dim=args.projection_dim, tokenizer=tokenizer_fingerprint(tokenizer),
                        base_model=str(base), label_source=",".join(sources),
-                       step_mode=default_step_mode(records[0]["task"]))
+                       step_mode=default_step_mode(records[0]["task"]), features=args.features,
+                       result_marker_ids=result_marker_ids(tokenizer) if head_only else [], targets=args.targets)
+    if head_only and args.projection_dim:
+        raise ValueError("--projection-dim (the contrastive term) trains with the backbone: use --features hidden")
     prm = ProcessRewardModel(load_model(base, device=cfg.device), config, seed=args.seed)
-    before = evaluate_rows(prm, held_rows, cfg.device) if held_rows and ranks.main else None
-    resume = bool(args.resume and previous is not None)
-    bar = tqdm(total=cfg.steps, initial=previous["step"] if resume else 0, unit="step", desc="train prm",
-               dynamic_ncols=True, disable=not ranks.main)
-    result = train_prm(prm, train_rows, cfg, held_rows, tokenizer=tokenizer, log=bar.write,
-                       progress=lambda: bar.update(1), resume=resume, data=data, ranks=ranks)
-    bar.close()
+    if head_only:
+        before = None  # the head starts at zero weights: the held-out BCE before is log 2
+        result = fit_head(prm, train_rows, HeadFitConfig(l2=args.head_l2, max_iter=args.head_iterations,
+                                                         output_dir=str(out), num_threads=args.threads,
+                                                         device=str(cfg.device)),
+                          held_rows, tokenizer=tokenizer)
+    else:
+        before = evaluate_rows(prm, held_rows, cfg.device) if held_rows and ranks.main else None
+        resume = bool(args.resume and previous is not None)
+        bar = tqdm(total=cfg.steps, initial=previous["step"] if resume else 0, unit="step", desc="train prm",
+                   dynamic_ncols=True, disable=not ranks.main)
+        result = train_prm(prm, train_rows, cfg, held_rows, tokenizer=tokenizer, log=bar.write,
+                           progress=lambda: bar.update(1), resume=resume, data=data, ranks=ranks)
+        bar.close()
     if not ranks.main:
         return {"output": str(out), "optimizer_steps": result.steps}
     held_auroc = None
     if held_examples:
         scores = score_examples(prm, held_examples, row_tokens=row_tokens)
         flat = [s for ss in scores for s in ss]
-        truth = [v >= 0.5 for r in held_records for v in r["step_labels"]]
+        truth = [v >= 0.5 for r in held_records for v in step_targets(r["step_labels"], args.targets)]
         held_auroc = step_auroc(flat, truth)
     first, last = result.metrics[0], result.metrics[-1]
     summary = {"labels": str(labels_path), "output": str(out), "label_source": config.label_source,
+               "features": args.features, "targets": args.targets,
                "train_trajectories": len(train_records), "held_out_trajectories": len(held_records),
                "train_steps_labelled": sum(len(r["steps"]) for r in train_records), "rows": len(train_rows),
                "optimizer_steps": result.steps, "first_bce": first["bce"], "last_bce": last["bce"],
@@ -318,9 +357,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                "tokens_per_second": last["tokens_per_second"]}
     write_json_atomic(out.parent / f"{out.name}.summary.json", summary)
     print(format_table([
-        ("label source", summary["label_source"]),
+        ("label source", summary["label_source"]), ("features / targets", f"{args.features} / {args.targets}"),
         ("trajectories train / held out", f"{len(train_records)} / {len(held_records)}"),
-        ("packed rows", len(train_rows)), ("optimizer steps", result.steps),
+        ("packed rows", len(train_rows)), ("L-BFGS evaluations" if head_only else "optimizer steps", result.steps),
         ("bce first -> last logged step", f"{first['bce']:.4f} -> {last['bce']:.4f}"),
         ("held-out bce before -> after", "n/a" if before is None else f"{before:.4f} -> {summary['held_out_bce_after']:.4f}"),
         ("held-out step AUROC vs labels >= 0.5", held_auroc),

@@ -30,12 +30,16 @@ __all__ = ["StepExample", "StepRow", "encode_trajectory", "pack_step_rows", "sco
 @dataclasses.dataclass(frozen=True)
 class StepExample:
     """One trajectory as the PRM sees it: ``input_ids`` (prompt + response), ``step_ends`` (the
-    position of each step's last token, increasing) and optionally ``labels`` (one target in [0, 1]
-    per step)."""
+    position of each step's last token, increasing), optionally ``labels`` (one target in [0, 1]
+    per step) and ``response_start`` (the position of the response's first token, the first token of
+    step 0; step ``k > 0`` starts after ``step_ends[k - 1]``). A PRM with log-probability
+    features (:mod:`arkfast.prm.model`) needs ``response_start``: it reads the backbone's log-probability of
+    every step token."""
 
     input_ids: tuple[int, ...]
     step_ends: tuple[int, ...]
     labels: tuple[float, ...] | None = None
+    response_start: int | None = None
 
     def __post_init__(self) -> None:
         if not self.step_ends:
@@ -45,6 +49,9 @@ class StepExample:
             raise ValueError(f"step_ends {self.step_ends} must increase inside [0, {len(self.input_ids)})")
         if self.labels is not None and len(self.labels) != len(self.step_ends):
             raise ValueError(f"{len(self.labels)} labels for {len(self.step_ends)} steps")
+        if self.response_start is not None and not 1 <= self.response_start <= self.step_ends[0]:
+            raise ValueError(f"response_start {self.response_start} must be in [1, {self.step_ends[0]}] "
+                             f"(after the prompt, at or before the first step's end)")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,7 +65,7 @@ def encode_trajectory(tokenizer: Any, record: dict[str, Any], labels: Sequence[f
     response, ranges = encode_response(tokenizer, record["response"], record["steps"])
     ends = tuple(len(prompt) + t1 - 1 for _, t1 in ranges)
     return StepExample(tuple(prompt) + tuple(response), ends,
-                       None if labels is None else tuple(float(v) for v in labels))
+                       None if labels is None else tuple(float(v) for v in labels), response_start=len(prompt))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +73,10 @@ class StepRow:
     """Whole sequences laid end to end: ``input_ids [T]`` int64, ``step_index [S]`` int64 (row
     positions of every member's step ends, members in row order), ``labels [S]`` float32 (zeros when
     the examples had none), ``lengths`` (host ints summing to T) and ``members`` (the examples' indices,
-    in row order; member ``m`` owns ``num_steps[m]`` consecutive entries of ``step_index``)."""
+    in row order; member ``m`` owns ``num_steps[m]`` consecutive entries of ``step_index``).
+    ``token_index [N]`` / ``token_step [N]`` int64: the row positions of the members' step tokens
+    (response tokens) and the row step each belongs to; ``None`` when a member has no
+    ``response_start``."""
 
     input_ids: torch.Tensor
     step_index: torch.Tensor
@@ -74,6 +84,8 @@ class StepRow:
     lengths: tuple[int, ...]
     members: tuple[int, ...]
     num_steps: tuple[int, ...]
+    token_index: torch.Tensor | None = None
+    token_step: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +100,13 @@ class StepRow:
         ctx, positions = VarlenContext.from_lengths(self.lengths, device=device)
         return (self.input_ids.to(device), positions, ctx, self.step_index.to(device), self.labels.to(device))
 
+    def step_tokens(self, device: torch.device | str):
+        """``(token_index, token_step, num_steps)`` on ``device`` (see the class docstring), the input of
+        a PRM's log-probability features; ``None`` when the row has no token index."""
+        if self.token_index is None:
+            return None
+        return self.token_index.to(device), self.token_step.to(device), self.num_steps
+
 
 def pack_step_rows(examples: Sequence[StepExample], row_tokens: int) -> list[StepRow]:
     """Pack ``examples`` whole into rows of at most ``row_tokens`` tokens (best-fit-decreasing).
@@ -98,18 +117,30 @@ def pack_step_rows(examples: Sequence[StepExample], row_tokens: int) -> list[Ste
     for i, n in enumerate(lengths):
         if n > row_tokens:
             raise ValueError(f"trajectory {i} has {n} tokens, more than row_tokens={row_tokens}")
+    with_tokens = all(ex.response_start is not None for ex in examples)
     rows = []
     for members in pack(lengths, row_tokens):
         ids, index, labels, offset = [], [], [], 0
+        tok_index, tok_step = [], []
         for i in members:
             ex = examples[i]
             ids.extend(ex.input_ids)
-            index.extend(offset + e for e in ex.step_ends)
+            if with_tokens:
+                start = ex.response_start
+                for end in ex.step_ends:  # step k's tokens: [previous end + 1, its end]
+                    tok_index.extend(range(offset + start, offset + end + 1))
+                    tok_step.extend([len(index)] * (end + 1 - start))
+                    index.append(offset + end)
+                    start = end + 1
+            else:
+                index.extend(offset + e for e in ex.step_ends)
             labels.extend(ex.labels if ex.labels is not None else [0.0] * len(ex.step_ends))
             offset += len(ex)
         rows.append(StepRow(torch.tensor(ids, dtype=torch.int64), torch.tensor(index, dtype=torch.int64),
                             torch.tensor(labels, dtype=torch.float32), tuple(lengths[i] for i in members),
-                            tuple(members), tuple(len(examples[i].step_ends) for i in members)))
+                            tuple(members), tuple(len(examples[i].step_ends) for i in members),
+                            torch.tensor(tok_index, dtype=torch.int64) if with_tokens else None,
+                            torch.tensor(tok_step, dtype=torch.int64) if with_tokens else None))
     return rows
 
 
@@ -126,7 +157,8 @@ def score_examples(prm, examples: Sequence[StepExample], *, row_tokens: int = 20
     out: list[list[float] | None] = [None] * len(examples)
     for row in pack_step_rows(examples, max(row_tokens, longest)):
         input_ids, positions, ctx, step_index, _ = row.to_device(device)
-        probs = torch.sigmoid(prm(input_ids, positions, ctx, step_index)).cpu().tolist()  # [S]
+        probs = torch.sigmoid(prm(input_ids, positions, ctx, step_index,
+                                  row.step_tokens(device))).cpu().tolist()  # [S]
         start = 0
         for member, n in zip(row.members, row.num_steps):
             out[member] = probs[start:start + n]

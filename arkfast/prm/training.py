@@ -49,8 +49,33 @@ from arkfast.train import TrainConfig, learning_rate
 from .data import StepRow
 from .model import ProcessRewardModel, save_prm
 
-__all__ = ["PRMTrainConfig", "PRMTrainResult", "evaluate_rows", "read_trainer_state", "row_losses",
-           "supcon_sum", "train_prm"]
+__all__ = [
+    "TARGETS",
+    "HeadFitConfig",
+    "PRMTrainConfig",
+    "PRMTrainResult",
+    "evaluate_rows",
+    "fit_head",
+    "read_trainer_state",
+    "row_losses",
+    "step_targets",
+    "supcon_sum",
+    "train_prm",
+]
+
+TARGETS = ("soft", "hard")
+
+
+def step_targets(labels: Sequence[float], targets: str) -> list[float]:
+    """The training targets of one trajectory's step labels: ``soft`` keeps them (the fraction of
+    Monte-Carlo rollouts that reached the gold answer); ``hard`` makes every label above 0 a 1 (some
+    rollout from the step reached the gold answer, so the prefix can still be right). Outcome labels
+    are 0 or 1 already and stay as they are."""
+    if targets == "soft":
+        return [float(v) for v in labels]
+    if targets == "hard":
+        return [1.0 if v > 0 else 0.0 for v in labels]
+    raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
 
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -109,7 +134,7 @@ def row_losses(prm: ProcessRewardModel, row: StepRow, device: torch.device | str
     """``(BCE summed over the row's steps, SupCon summed over its anchors)``, 0-dim float32 tensors
     (the second is 0 when ``contrastive`` is off)."""
     input_ids, positions, ctx, step_index, labels = row.to_device(device)
-    h = prm.step_hidden(input_ids, positions, ctx, step_index)  # [S, H]
+    h = prm.step_hidden(input_ids, positions, ctx, step_index, row.step_tokens(device))  # [S, D]
     bce = F.binary_cross_entropy_with_logits(prm.logits(h), labels, reduction="sum")
     con = supcon_sum(prm.embed(h), labels >= 0.5, temperature) if contrastive else bce.new_zeros(())
     return bce, con
@@ -302,6 +327,106 @@ def train_prm(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: PRMTrainCon
     save(steps_done)
     return PRMTrainResult(metrics=metrics, evals=evals, steps=steps_done,
                           seconds=seconds_before + time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class HeadFitConfig:
+    """Fitting the head alone on a frozen backbone (a PRM whose features include ``logprobs``):
+    ``l2`` (the penalty ``l2 * |w|^2`` on the head's weights, not its bias), ``max_iter`` (L-BFGS
+    iterations), where to save, threads and device."""
+
+    l2: float = 1e-3
+    max_iter: int = 300
+    output_dir: str | None = None
+    num_threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.l2 >= 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1, got {self.max_iter!r}")
+
+
+@torch.no_grad()
+def _step_inputs(prm: ProcessRewardModel, rows: Sequence[StepRow], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(raw head inputs [S, D] float64, targets [S] float64)`` of all the rows' steps: the
+    unstandardised log-probability features, then the hidden states (as ``config.features`` says)."""
+    xs, ys = [], []
+    for row in rows:
+        input_ids, positions, ctx, step_index, labels = row.to_device(device)
+        raw, h = prm.raw_step_inputs(input_ids, positions, ctx, step_index, row.step_tokens(device))
+        xs.append(torch.cat([t for t in (raw, h) if t is not None], 1).double())
+        ys.append(labels.double())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_head(prm: ProcessRewardModel, rows: Sequence[StepRow], cfg: HeadFitConfig,
+             eval_rows: Sequence[StepRow] = (), *, tokenizer=None,
+             log: Callable[[str], None] | None = print) -> PRMTrainResult:
+    """Fit ``prm``'s head in place on the frozen backbone and save it to ``cfg.output_dir``.
+
+    One no-grad pass over ``rows`` gives every labelled step's head input; the log-probability features'
+    training mean and standard deviation become ``feature_mean`` / ``feature_std``; then full-batch
+    L-BFGS (strong Wolfe line search, from zero weights, in float64) minimises the mean BCE of the
+    steps plus ``l2 * |w|^2``, a convex problem, so the result does not depend on any seed. ``metrics``
+    holds the BCE before (zero weights) and after; ``evals`` the held-out BCE after."""
+    log = log or (lambda line: None)
+    if not prm.config.uses_logprobs:
+        raise ValueError("fit_head fits a head over log-probability features (config.features 'logprobs' or "
+                         "'hidden+logprobs'); train a hidden-state PRM with train_prm")
+    if not rows:
+        raise ValueError("no training rows")
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device)
+    prm.to(device).eval()
+    prm.backbone.requires_grad_(False)
+    start = time.perf_counter()
+    x, y = _step_inputs(prm, rows, device)
+    n_feat = prm.feature_mean.shape[0]
+    mean = x[:, :n_feat].mean(0)
+    std = x[:, :n_feat].std(0) if x.shape[0] > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant feature stays as it is
+    with torch.no_grad():
+        prm.feature_mean.copy_(mean.to(prm.feature_mean.dtype))
+        prm.feature_std.copy_(std.to(prm.feature_std.dtype))
+    z = x.clone()
+    z[:, :n_feat] = (x[:, :n_feat] - mean) / std
+    w = torch.zeros(z.shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
+    iterations = [0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + cfg.l2 * (w * w).sum()
+        loss.backward()
+        iterations[0] += 1
+        return loss
+
+    bce_before = float(F.binary_cross_entropy_with_logits(torch.zeros_like(y), y))
+    opt.step(closure)
+    with torch.no_grad():
+        prm.head.weight.copy_(w.detach()[None].to(prm.head.weight.dtype))
+        prm.head.bias.copy_(b.detach()[None].to(prm.head.bias.dtype))
+        bce_after = float(F.binary_cross_entropy_with_logits(z @ w + b, y))
+    tokens = sum(row.num_tokens for row in rows)
+    seconds = time.perf_counter() - start
+    metrics = [{"step": 0, "loss": bce_before, "bce": bce_before, "contrastive": 0.0, "lr": 0.0, "grad_norm": 0.0,
+                "tokens": tokens, "tokens_per_second": tokens / seconds if seconds > 0 else 0.0},
+               {"step": iterations[0], "loss": bce_after, "bce": bce_after, "contrastive": 0.0, "lr": 0.0,
+                "grad_norm": float(torch.cat([w.grad.flatten(), b.grad.flatten()]).norm()), "tokens": tokens,
+                "tokens_per_second": tokens / seconds if seconds > 0 else 0.0}]
+    log(f"head fit: {x.shape[0]} steps, {iterations[0]} L-BFGS evaluations, bce {bce_before:.4f} -> {bce_after:.4f}")
+    evals = []
+    if eval_rows:
+        evals.append((iterations[0], evaluate_rows(prm, eval_rows, device)))
+        log(f"held-out bce {evals[-1][1]:.4f}")
+    if cfg.output_dir is not None:
+        save_prm(prm, cfg.output_dir, tokenizer=tokenizer,
+                 extra_files={"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)})
+    return PRMTrainResult(metrics=metrics, evals=evals, steps=iterations[0], seconds=time.perf_counter() - start)
 
 
 def _restore(prm, opt, gen, metrics, evals, cfg, curve, device) -> tuple[int, list[int], float, int]:
