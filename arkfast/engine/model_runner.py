@@ -34,6 +34,7 @@ from arkfast.kernels.paged_kv import allocate_kv_cache, write_kv_cache
 from arkfast.kernels.prefill_attention import prefill_attention
 from arkfast.models import DecoderModel, VarlenContext
 
+from . import cpu_attention
 from .config import EngineConfig
 from .sampler import Sampler, SamplingBatch, token_logprobs
 from .scheduler import ScheduledBatch
@@ -65,7 +66,7 @@ class PagedAttentionContext:
     slot_mapping: torch.Tensor
     max_seqlen: int
     num_decode: int = 0
-    plan: DecodePlan | CpuDecodePlan | None = None
+    plan: DecodePlan | CpuDecodePlan | cpu_attention.CpuPagedPlan | None = None
     cu_seqlens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     cached_lens: torch.Tensor | None = None
@@ -82,7 +83,8 @@ class PagedAttentionContext:
                 slots = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
                 slots[self.copy_dst] = slots[self.copy_src]
         nd = self.num_decode
-        decode = cpu_decode_attention if isinstance(self.plan, CpuDecodePlan) else decode_attention
+        decode = (cpu_attention.paged_decode_attention_cpu if isinstance(self.plan, cpu_attention.CpuPagedPlan)
+                  else cpu_decode_attention if isinstance(self.plan, CpuDecodePlan) else decode_attention)
         if self.cu_seqlens is None:
             return decode(q, k_cache, v_cache, self.plan)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -202,13 +204,19 @@ class ModelRunner:
         return (self.device.type == "cpu" and not use_triton(self.kv_caches[0][0])
                 and not reference_forced())
 
-    def _decode_plan(self, decode: list[Sequence]) -> DecodePlan | CpuDecodePlan:
+    def _decode_plan(self, decode: list[Sequence]) -> DecodePlan | CpuDecodePlan | cpu_attention.CpuPagedPlan:
         cfg = self.model.config
         tables = [seq.block_table for seq in decode]
         lens = [seq.num_computed_tokens + 1 for seq in decode]
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)  # [B, W]
         groups = prefix_groups(tables, lens, self.block_size) if self.config.cascade != "off" else None
+        if self._cpu_path() and self.dtype in cpu_attention.DTYPES:
+            # The C++ path reads a shared prefix once per group at no extra cost (no merge, no
+            # gather), so it groups whenever blocks are shared: "auto" is "on" there.
+            return cpu_attention.plan_cpu_paged_decode(padded, lens, block_size=self.block_size,
+                                                       group_ids=groups and groups[0],
+                                                       prefix_lens=groups and groups[1])
         if self._cpu_path():
             if groups is not None and self.config.cascade == "auto":
                 members = collections.Counter(groups[0])
@@ -251,8 +259,8 @@ class ModelRunner:
             ctx.copy_src, ctx.copy_dst = src_t, dst_t
         if decode:
             ctx.plan = self._decode_plan(decode)
-            self.num_cascade_steps += int(ctx.plan.num_prefix_groups > 0 if isinstance(ctx.plan, CpuDecodePlan)
-                                          else ctx.plan.use_cascade)
+            self.num_cascade_steps += int(ctx.plan.use_cascade if isinstance(ctx.plan, DecodePlan)
+                                          else ctx.plan.num_prefix_groups > 0)
         if batch.prefill:
             width = max(len(t) for t in tables)
             padded = list(itertools.chain.from_iterable(t + [-1] * (width - len(t)) for t in tables))
