@@ -34,6 +34,7 @@ from arkfast.kernels.paged_kv import allocate_kv_cache, write_kv_cache
 from arkfast.kernels.prefill_attention import prefill_attention
 from arkfast.models import DecoderModel, VarlenContext
 
+from . import cpu_attention
 from .config import EngineConfig
 from .planner import DecodePlanner, prefix_groups  # noqa: F401  (prefix_groups re-exported: it lived here)
 from .sampler import Sampler, SamplingBatch, token_logprobs
@@ -58,7 +59,7 @@ class PagedAttentionContext:
     slot_mapping: torch.Tensor
     max_seqlen: int
     num_decode: int = 0
-    plan: DecodePlan | CpuDecodePlan | None = None
+    plan: DecodePlan | CpuDecodePlan | cpu_attention.CpuPagedPlan | None = None
     cu_seqlens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     cached_lens: torch.Tensor | None = None
@@ -75,7 +76,8 @@ class PagedAttentionContext:
                 slots = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
                 slots[self.copy_dst] = slots[self.copy_src]
         nd = self.num_decode
-        decode = cpu_decode_attention if isinstance(self.plan, CpuDecodePlan) else decode_attention
+        decode = (cpu_attention.paged_decode_attention_cpu if isinstance(self.plan, cpu_attention.CpuPagedPlan)
+                  else cpu_decode_attention if isinstance(self.plan, CpuDecodePlan) else decode_attention)
         if self.cu_seqlens is None:
             return decode(q, k_cache, v_cache, self.plan)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -134,7 +136,7 @@ class ModelRunner:
                 and not reference_forced())
 
     def _decode_plan(self, decode: list[Sequence], padded: torch.Tensor
-                     ) -> DecodePlan | CpuDecodePlan:
+                     ) -> DecodePlan | CpuDecodePlan | cpu_attention.CpuPagedPlan:
         """The decode plan; ``padded [B, W]`` int32: ``decode``'s block tables, ``-1`` after each."""
         return self.planner.plan([seq.block_table for seq in decode],
                                  [seq.num_computed_tokens + 1 for seq in decode], cpu_path=self._cpu_path(),
@@ -179,8 +181,8 @@ class ModelRunner:
         if decode:
             padded = np.ascontiguousarray(tables[:nd, :max(widths[:nd])])                      # [Bd, Wd]
             ctx.plan = self._decode_plan(decode, torch.from_numpy(padded))
-            self.num_cascade_steps += int(ctx.plan.num_prefix_groups > 0 if isinstance(ctx.plan, CpuDecodePlan)
-                                          else ctx.plan.use_cascade)
+            self.num_cascade_steps += int(ctx.plan.use_cascade if isinstance(ctx.plan, DecodePlan)
+                                          else ctx.plan.num_prefix_groups > 0)
         if batch.prefill:
             padded = tables[nd:, :max(widths[nd:])]                                              # [Bp, Wp]
             cu = np.concatenate([[0], ends[nd:] - nd])                                           # [Bp + 1]

@@ -10,8 +10,10 @@ Per decode step, :meth:`DecodePlanner.plan` takes the decoding sequences' block 
    (which groups read their prefix once, tokens per KV split for the device's SM count, read once
    at construction, and whether cascade beats plain decode by bytes moved); ``cascade="on"`` /
    ``"off"`` force one method;
-3. on the CPU path (:mod:`arkfast.kernels.cpu_decode_attention`), keeps the groups only when they
-   save enough key reads to pay for the prefix passes (:func:`cpu_grouping_pays`).
+3. on the CPU path, float32/float64 caches: the C++ kernel (:mod:`.cpu_attention`), which reads a
+   shared prefix once per group at no extra cost (no gather, no merge), so it takes every group;
+   other dtypes (:mod:`arkfast.kernels.cpu_decode_attention`) keep the groups only when they save
+   enough key reads to pay for the prefix passes (:func:`cpu_grouping_pays`).
 
 With a :class:`PlanCapacity`, kernel-path plans are laid out in fixed-capacity device buffers
 (:mod:`arkfast.kernels.plan_buffers`) allocated once: the same pointers and launch grids every step,
@@ -33,6 +35,9 @@ from arkfast.kernels.decode_attention import DecodePlan, plan_decode
 from arkfast.kernels.decode_cost import DecodeCostModel
 from arkfast.kernels.plan_buffers import DecodePlanBuffers, PlanCapacityError
 from arkfast.kernels.work_list import MAX_ROWS
+
+from . import cpu_attention
+from .cpu_attention import CpuPagedPlan
 
 # The CPU path's cost rule (cascade="auto"): group only when the groups save at least this many key
 # reads per KV head, (members - 1) x prefix tokens summed over groups. A prefix pass and the merge are
@@ -180,16 +185,20 @@ class DecodePlanner:
         return dataclasses.replace(self, capacity=capacity)
 
     def plan(self, block_tables: list[list[int]], seq_lens: list[int], *, cpu_path: bool,
-             padded: torch.Tensor | None = None) -> DecodePlan | CpuDecodePlan:
+             padded: torch.Tensor | None = None) -> DecodePlan | CpuDecodePlan | CpuPagedPlan:
         """The plan of one decode step over sequences with these block tables (host lists of block
-        ids) and lengths (tokens after this step's, host ints): a :class:`CpuDecodePlan` for the CPU
-        path when ``cpu_path``, else a :class:`DecodePlan` for the kernels (or their references).
-        ``padded [B, W]`` int32: the same tables padded with -1, when the caller has them (else built
-        here)."""
+        ids) and lengths (tokens after this step's, host ints): on the CPU path when ``cpu_path``, a
+        :class:`~.cpu_attention.CpuPagedPlan` (float32/float64) or a :class:`CpuDecodePlan`, else a
+        :class:`DecodePlan` for the kernels (or their references). ``padded [B, W]`` int32: the same
+        tables padded with -1, when the caller has them (else built here)."""
         if padded is None:
             width = max(len(t) for t in block_tables)
             padded = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)  # [B, W]
         groups = prefix_groups(block_tables, seq_lens, self.block_size) if self.cascade != "off" else None
+        if cpu_path and self.dtype in cpu_attention.DTYPES and self.head_dim in cpu_attention.HEAD_DIMS:
+            return cpu_attention.plan_cpu_paged_decode(padded, seq_lens, block_size=self.block_size,
+                                                       group_ids=groups and groups[0],
+                                                       prefix_lens=groups and groups[1])
         if cpu_path:
             if groups is not None and self.cascade == "auto" and not cpu_grouping_pays(
                     *groups, min_saved_keys=self.cpu_min_saved_keys):
