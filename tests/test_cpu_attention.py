@@ -84,7 +84,7 @@ def test_strided_q_and_scale():
 
 def test_bad_plans_are_refused():
     groups = [(20, [3, 5])]
-    q, k_cache, v_cache, tables, seq_lens, group_ids, prefix_lens, _, _ = _forest(
+    q, k_cache, v_cache, tables, seq_lens, _, _, _, _ = _forest(
         groups, 2, 1, 16, 16, torch.float32, seed=5, shuffle=False)
     with pytest.raises(ValueError, match=r"seq_lens\[1\] = 999"):
         plan_cpu_paged_decode(tables, [23, 999], block_size=16)
