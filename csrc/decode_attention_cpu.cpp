@@ -1,11 +1,12 @@
 // Decode attention over a paged KV cache on the CPU; see decode_attention_cpu.h for the contract.
 //
-// Per (group, KV head): the group's query rows (members x Hq/Hkv, pre-scaled) meet the shared prefix
-// block by block, so each prefix key and value is loaded from memory once for the whole group and
-// stays in L1 while every row reads it; then each member's rows continue over its own tokens. The
-// softmax is online (Milakov & Gimelshein 2018): per row a running max m, sum l = sum_j e^(s_j - m) and
-// acc = sum_j e^(s_j - m) v_j; a block with max m' > m rescales l and acc by e^(m - m') first. At the
-// end o = acc / l and lse = m + log(l) (natural log); a row with no keys gives o = 0, lse = -inf.
+// Per (group, KV head): the group's query rows (members x Hq/Hkv, pre-scaled), up to 16 at a time in
+// the lanes of one vector, meet the shared prefix key by key, so each prefix key and value is loaded
+// once for those rows (once for the group when it has at most 16 rows, the debate case: 5 agents x
+// GQA 3); then each member's rows continue over its own tokens. The softmax is online (Milakov &
+// Gimelshein 2018): per row a running max m, sum l = sum_j e^(s_j - m) and acc = sum_j e^(s_j - m) v_j;
+// a chunk of keys with max m' > m rescales l and acc by e^(m - m') first. At the end o = acc / l and
+// lse = m + log(l) (natural log); a row with no keys gives o = 0, lse = -inf.
 #include "decode_attention_cpu.h"
 
 #include <algorithm>

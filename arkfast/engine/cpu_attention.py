@@ -3,10 +3,11 @@ prefix once per group.
 
 :func:`plan_cpu_paged_decode` turns one step's block tables, lengths and prefix groups into the flat
 int32 arrays the C++ op reads (once per step); :func:`paged_decode_attention_cpu` runs one layer on
-that plan. Per group and KV head, the members' query rows meet the group's prefix block by block, so a
-prefix key or value is loaded from memory once and read by every row while it is in L1; then each
-member continues over its own tokens with the same online-softmax state, so the prefix and the suffix
-need no log-sum-exp merge. Nothing is gathered: keys and values are read where the cache holds them.
+that plan. Per group and KV head, the members' query rows (up to 16 at a time, one a vector lane) meet
+the group's prefix key by key, so a prefix key or value is loaded once for all of them (a debate
+group, 5 agents x a few query heads, is one such pass); then each member continues over its own tokens
+with the same online-softmax state, so the prefix and the suffix need no log-sum-exp merge. Nothing is
+gathered: keys and values are read where the cache holds them.
 Float32 and float64 caches (float64 accumulates in float64, so a test can check the maths to float64
 accuracy); other dtypes take :func:`arkfast.kernels.cpu_decode_attention`.
 
