@@ -19,8 +19,12 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 // One build runs everywhere: the kernel is compiled for the x86-64 levels v4 (AVX-512), v3 (AVX2 and
-// FMA) and the baseline, and each call runs the widest level the CPU has (or the one asked for).
+// FMA) and the baseline, and each call runs the widest level the CPU has (or the one asked for). The
+// levels are spelled as the feature lists the kernel uses, which every GCC >= 6 and clang know (the
+// "arch=x86-64-v3" names need GCC 11 / 12), and exactly those features are checked at run time.
 #define ARKFAST_X86_LEVELS 1
+#define ARKFAST_V3_FEATURES "avx,avx2,bmi,bmi2,fma"
+#define ARKFAST_V4_FEATURES ARKFAST_V3_FEATURES ",avx512f,avx512bw,avx512cd,avx512dq,avx512vl"
 #endif
 
 namespace arkfast {
@@ -265,13 +269,13 @@ inline __attribute__((always_inline)) void run(const T* q, const T* k_cache, con
 
 #ifdef ARKFAST_X86_LEVELS
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) void run_v4(const T* q, const T* k, const T* v, const int32_t* bt,
+__attribute__((target(ARKFAST_V4_FEATURES))) void run_v4(const T* q, const T* k, const T* v, const int32_t* bt,
                                                        const int32_t* sl, const int32_t* of, const int32_t* mb,
                                                        const int32_t* pl, const DecodeShape& s, T sc, T* o, T* lse) {
   run(q, k, v, bt, sl, of, mb, pl, s, sc, o, lse);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void run_v3(const T* q, const T* k, const T* v, const int32_t* bt,
+__attribute__((target(ARKFAST_V3_FEATURES))) void run_v3(const T* q, const T* k, const T* v, const int32_t* bt,
                                                        const int32_t* sl, const int32_t* of, const int32_t* mb,
                                                        const int32_t* pl, const DecodeShape& s, T sc, T* o, T* lse) {
   run(q, k, v, bt, sl, of, mb, pl, s, sc, o, lse);
@@ -301,8 +305,13 @@ void dispatch(const T* q, const T* k, const T* v, const int32_t* bt, const int32
 int best_cpu_level() {
 #ifdef ARKFAST_X86_LEVELS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 4;
-  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+                  __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  if (v4) return 4;
+  if (v3) return 3;
 #endif
   return 1;
 }
