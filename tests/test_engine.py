@@ -362,8 +362,9 @@ def test_cuda_graphs_match_eager_bf16(checkpoints):
 
 @pytest.mark.parametrize("cascade", ["on", "off"])
 def test_cpu_decode_path_matches_the_reference(checkpoints, cascade):
-    """On CPU the engine's decode attention takes the CPU path (a group's prefix read once, batched
-    matmuls); it gives the tokens the torch reference path gives, with caching and copy-on-write."""
+    """On CPU the engine's decode attention takes the CPU path (float32: the C++ kernel, a group's
+    prefix read once); it gives the tokens the torch reference path gives, with caching and copy-on-write."""
+    from arkfast.engine.cpu_attention import CpuPagedPlan
     from arkfast.kernels._dispatch import force_reference
 
     path = checkpoints["llama"]
@@ -373,7 +374,16 @@ def test_cpu_decode_path_matches_the_reference(checkpoints, cascade):
         expected = token_ids(LLM(path, cascade=cascade, block_size=16).generate(prompts, params))
     llm = LLM(path, cascade=cascade, block_size=16)
     assert llm.runner._cpu_path()
+    plan, kinds = llm.runner._decode_plan, set()
+
+    def recording_plan(decode, padded):
+        result = plan(decode, padded)
+        kinds.add(type(result))
+        return result
+
+    llm.runner._decode_plan = recording_plan
     assert token_ids(llm.generate(prompts, params)) == expected
+    assert kinds == {CpuPagedPlan}  # float32: the C++ decode attention, every step
     assert (llm.stats["cascade_steps"] > 0) == (cascade == "on")
 
 
