@@ -11,6 +11,7 @@ already divided by the global ``N`` with no communication. Summing the ranks' gr
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -70,4 +71,14 @@ def init_ranks(device: str, *, group: bool = False) -> tuple[Ranks, str]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Torn down while the interpreter is still whole: a gloo group left alive until the process's
+        # static destructors run can abort it at exit ("terminate called without an active exception").
+        atexit.register(_destroy_group)
     return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
